@@ -1,0 +1,218 @@
+"""AIMv2 native-resolution vision backbone and Ovis' softmax visual tokenizer (spec §3.2-§3.3).
+
+Module names follow the checkpoint (`preprocessor.patchifier.proj`, `trunk.blocks.N.attn.qkv`, ...).
+The reference needs flash-attn's varlen kernel; here every image attends to itself through SDPA,
+one image at a time, which is the same block-diagonal attention on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back, then scaled (the reference's op order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def group_order(grid: torch.Tensor, stride: int = 2) -> torch.Tensor:
+    """Reorder a raster [gh, gw, ...] grid into 2x2-group-major token order (spec §3.1 step 5)."""
+    gh, gw = grid.shape[:2]
+    rest = grid.shape[2:]
+    g = grid.reshape(gh // stride, stride, gw // stride, stride, *rest)
+    g = g.permute(0, 2, 1, 3, *range(4, 4 + len(rest)))
+    return g.reshape(gh * gw, *rest)
+
+
+class Patchifier(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.num_channels = cfg.num_channels
+        self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=True)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        x = pixel_values.view(-1, self.num_channels, p, p).to(self.proj.weight.dtype)
+        x = self.proj(x).flatten(1)
+        return self.norm(x)
+
+
+class Preprocessor(nn.Module):
+    """Patch embedding plus the learned absolute position table, resized per image."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.patchifier = Patchifier(cfg)
+        self.grid = cfg.pos_grid
+        self.hidden_stride = cfg.hidden_stride
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, cfg.hidden_size))
+
+    def interpolated_pos_embed(self, gh: int, gw: int) -> torch.Tensor:
+        """[gh, gw, C] raster table: torch bicubic, align_corners=False, no antialias (spec §3.2 step 2)."""
+        c = self.pos_embed.shape[-1]
+        table = self.pos_embed.view(1, self.grid, self.grid, c).permute(0, 3, 1, 2)
+        if (gh, gw) != (self.grid, self.grid):
+            table = F.interpolate(table, size=(gh, gw), mode="bicubic", align_corners=False)
+        return table[0].permute(1, 2, 0)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        x = self.patchifier(pixel_values)
+        pos = [
+            group_order(self.interpolated_pos_embed(int(h), int(w)), self.hidden_stride).repeat(int(t), 1)
+            for t, h, w in grid_thws.tolist()
+        ]
+        return x + torch.cat(pos, 0).to(x.dtype)
+
+
+def vision_rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """inv_freq_j = 1 / theta^(2j / (d/2)) in fp32, as the reference computes it once."""
+    dim = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def vision_rope_angles(grid_thws: torch.Tensor, head_dim: int, stride: int = 2) -> torch.Tensor:
+    """[N, head_dim/2] angles (row freqs, then column freqs) for every patch, in group order."""
+    inv_freq = vision_rope_inv_freq(head_dim)
+    angles = []
+    for t, h, w in grid_thws.tolist():
+        rows = torch.arange(h).view(h, 1).expand(h, w)
+        cols = torch.arange(w).view(1, w).expand(h, w)
+        ids = group_order(torch.stack([rows, cols], -1), stride).repeat(int(t), 1).float()
+        angles.append(torch.cat([ids[:, :1] * inv_freq, ids[:, 1:] * inv_freq], -1))
+    return torch.cat(angles, 0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary_rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half RoPE in fp32: x [N, H, D], angles [N, D/2] duplicated to D."""
+    cos = angles.cos().repeat(1, 2).unsqueeze(1)
+    sin = angles.sin().repeat(1, 2).unsqueeze(1)
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        n, c = x.shape
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, c // self.num_heads).unbind(1)
+        q = apply_rotary_rotate_half(q, angles)
+        k = apply_rotary_rotate_half(k, angles)
+        outs = []
+        for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+            # One image at a time: images in a prompt never attend to each other.
+            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
+            outs.append(o.transpose(0, 1).reshape(-1, c))
+        return self.proj(torch.cat(outs, 0))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.use_bias)
+        self.fc3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(x)) * self.fc3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.norm_1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.norm_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), angles, seqlens)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Trunk(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        # Loaded because the checkpoint has it; Ovis-U1 takes features before it (spec §3.2 step 6).
+        self.post_trunk_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class AIMv2Model(nn.Module):
+    """Native-resolution AIMv2: pixels [N, 588] in 2x2-group order -> features [N, C]."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.preprocessor = Preprocessor(cfg)
+        self.trunk = Trunk(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        x = self.preprocessor(pixel_values, grid_thws)
+        angles = vision_rope_angles(grid_thws, self.config.head_dim, self.config.hidden_stride).to(x.device)
+        seqlens = [int(t * h * w) for t, h, w in grid_thws.tolist()]
+        for block in self.trunk.blocks:
+            x = block(x, angles, seqlens)
+        return x
+
+
+class VisualTokenizer(nn.Module):
+    """Backbone + head: features -> a probability distribution over the visual vocabulary."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backbone = AIMv2Model(cfg)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.head_in_features, cfg.head_out_features, bias=False),
+            nn.LayerNorm(cfg.head_out_features),
+        )
+
+    def merge_features(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, C] -> [N/4, 4C]: consecutive rows are one 2x2 group (spec §3.3 step 1)."""
+        return features.reshape(-1, self.config.head_in_features)
+
+    def probabilities(self, merged: torch.Tensor) -> torch.Tensor:
+        """softmax(LN(Linear(x))) in fp32, cast back: [M, V-4] (the 4 indicator columns are zero)."""
+        logits = self.head(merged.to(self.head[0].weight.dtype))
+        return logits.float().softmax(-1).to(logits.dtype)
+
+    def embed(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor, vte: nn.Embedding,
+              chunk: int = 512) -> torch.Tensor:
+        """Visual embeddings [N/4, H_llm] = probabilities @ vte, chunked to bound the [M, 65532] peak."""
+        merged = self.merge_features(self.backbone(pixel_values, grid_thws))
+        table = vte.weight[: self.config.head_out_features]
+        outs = [self.probabilities(part).to(table.dtype) @ table for part in merged.split(chunk)]
+        return torch.cat(outs, 0)
+
+
+INDICATOR_IDS = (-301, -302, -303, -304)
+
+
+def indicator_rows(vocab_size: int) -> list[int]:
+    """vte rows for ids -301..-304: V-5..V-2; row V-5 is also the last reachable visual word (spec §3.3)."""
+    return [vocab_size - 5 + i for i in range(len(INDICATOR_IDS))]

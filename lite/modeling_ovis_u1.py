@@ -1,0 +1,95 @@
+"""The top-level Ovis-U1 module: its `state_dict` names are the checkpoint's names.
+
+    OvisU1
+    ├── llm                  transformers Qwen3ForCausalLM (lm_head tied to embed_tokens)
+    ├── visual_tokenizer     AIMv2 backbone + softmax head          (modeling_aimv2)
+    ├── vte                  visual embedding table [65536, 2048]
+    └── visual_generator
+        ├── backbone         Yak MMDiT                              (modeling_yak)
+        └── vae              diffusers AutoencoderKL (4 latent channels)
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+from transformers import Qwen3ForCausalLM
+
+from .config import OvisU1Config
+from .modeling_aimv2 import INDICATOR_IDS, VisualTokenizer, indicator_rows
+from .modeling_yak import YakTransformer
+
+IMAGE_ATOM_ID = -300
+COMPONENTS = ("llm", "vision", "visual_head", "vte", "yak", "vae")
+COMPONENT_PREFIXES = {
+    "llm": "llm.",
+    "vision": "visual_tokenizer.backbone.",
+    "visual_head": "visual_tokenizer.head.",
+    "vte": "vte.",
+    "yak": "visual_generator.backbone.",
+    "vae": "visual_generator.vae.",
+}
+TIED_KEYS = ("llm.lm_head.weight",)
+
+
+def component_of(name: str) -> str:
+    """Which component a state-dict key belongs to."""
+    for component, prefix in COMPONENT_PREFIXES.items():
+        if name.startswith(prefix):
+            return component
+    raise KeyError(name)
+
+
+class VisualGenerator(nn.Module):
+    def __init__(self, config: OvisU1Config) -> None:
+        super().__init__()
+        self.backbone = YakTransformer(config.yak)
+        self.vae = AutoencoderKL.from_config(config.vae)
+
+
+class OvisU1(nn.Module):
+    def __init__(self, config: OvisU1Config) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = Qwen3ForCausalLM(config.qwen3_config())
+        self.visual_tokenizer = VisualTokenizer(config.vision)
+        self.vte = nn.Embedding(config.vision.vocab_size, config.hidden_size)
+        self.visual_generator = VisualGenerator(config)
+
+    # -- understanding side -------------------------------------------------------------------
+
+    def visual_embeddings(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> list[torch.Tensor]:
+        """One [N_i/4, H] tensor per image; each image only ever sees itself."""
+        embeds = self.visual_tokenizer.embed(pixel_values, grid_thws, self.vte)
+        sizes = [int(t * h * w) // (self.config.vision.hidden_stride ** 2) for t, h, w in grid_thws.tolist()]
+        return list(embeds.split(sizes))
+
+    def indicator_embeddings(self) -> torch.Tensor:
+        """Embeddings for ids -301..-304: vte rows V-5..V-2 (spec §3.3 step 6)."""
+        return self.vte.weight[indicator_rows(self.config.vision.vocab_size)]
+
+    def merge_multimodal(self, input_ids: torch.Tensor, visual: list[torch.Tensor]) -> torch.Tensor:
+        """[L] ids with placeholders -> [1, L', H] LLM input embeddings (spec §3.4)."""
+        embed = self.llm.get_input_embeddings()
+        text = embed(input_ids.clamp(min=0))
+        indicators = self.indicator_embeddings().to(text.dtype)
+        for i, ind in enumerate(INDICATOR_IDS):
+            mask = input_ids == ind
+            if mask.any():
+                text[mask] = indicators[i]
+        atoms = (input_ids == IMAGE_ATOM_ID).nonzero().flatten().tolist()
+        if len(atoms) != len(visual):
+            raise ValueError(f"prompt has {len(atoms)} image placeholders but {len(visual)} images were given")
+        pieces, start = [], 0
+        for pos, vis in zip(atoms, visual):
+            pieces += [text[start:pos], vis.to(text.dtype)]
+            start = pos + 1
+        pieces.append(text[start:])
+        return torch.cat(pieces, 0).unsqueeze(0)
+
+    def condition(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """[final-norm(last layer) ; raw residual after the second-to-last layer]: [1, L, 2H] (spec §3.5)."""
+        out = self.llm.model(inputs_embeds=inputs_embeds, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states
+        return torch.cat([hidden[-1], hidden[-2]], dim=-1)

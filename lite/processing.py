@@ -1,0 +1,248 @@
+"""Images and prompts in, model inputs out, exactly as the reference prepares them (spec §3.1, §3.4, §4).
+
+Everything here is plain data work: PIL, numpy and integer ids. The model is not needed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import PreprocessorConfig
+
+IMAGE_TOKEN = "<image>"
+IMAGE_PLACEHOLDER = (-301, -300, -302)
+MAX_INPUT_PIXELS = 40_000_000
+MAX_ASPECT = 200
+
+T2I_PREFIX = ("Describe the image by detailing the color, shape, size, texture, quantity, text, "
+              "and spatial relationships of the objects:")
+UNCONDITIONAL_PROMPT = "Generate an image."
+THINK_EMPTY = "<think>\n\n</think>\n\n"
+
+
+class InputError(ValueError):
+    """Bad user input; the message is one line that says what is wrong and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes.
+# ---------------------------------------------------------------------------------------------
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """The reference's Qwen2-VL smart_resize, degenerate cases included (spec §3.1 step 2)."""
+    if height < factor or width < factor:
+        if height < width:
+            width, height = round(factor / height * width), factor
+        else:
+            height, width = round(factor / width * height), factor
+    elif max(height, width) / min(height, width) > MAX_ASPECT:
+        if height > width:
+            height = MAX_ASPECT * width
+        else:
+            width = MAX_ASPECT * height
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = math.floor(height / beta / factor) * factor
+        w_bar = math.floor(width / beta / factor) * factor
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def checked_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """smart_resize that refuses the sizes the reference would silently mangle."""
+    if height < 1 or width < 1:
+        raise InputError(f"image is {width}x{height}: it has no pixels; use a non-empty image")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise InputError(f"image is {width}x{height}: aspect ratio above {MAX_ASPECT}:1 is not supported; crop it first")
+    h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
+    if h < factor or w < factor:
+        raise InputError(f"image is {width}x{height}: too thin to tokenize; crop or pad it to a squarer shape")
+    return h, w
+
+
+def edit_output_size(width: int, height: int) -> tuple[int, int]:
+    """(W, H) of an edit: smart_resize with factor 32, at most ~1 MP (spec §5)."""
+    h, w = checked_size(height, width, 32, 3136, 1003520)
+    return w, h
+
+
+def t2i_size(width: int, height: int) -> tuple[int, int]:
+    """(W, H) of text-to-image: floored to multiples of 16 (spec §3.8)."""
+    return width // 16 * 16, height // 16 * 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Images.
+# ---------------------------------------------------------------------------------------------
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open a user image as RGB (alpha dropped, no EXIF rotation, like the reference)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory, not an image file")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_INPUT_PIXELS:
+                raise InputError(f"image {path} is {w}x{h} ({w * h / 1e6:.1f} MP): over the "
+                                 f"{MAX_INPUT_PIXELS / 1e6:.0f} MP limit; downscale it first")
+            if w < 1 or h < 1:
+                raise InputError(f"image {path} has zero size ({w}x{h})")
+            rgb = img.convert("RGB")
+            rgb.load()
+    except InputError:
+        raise
+    except PermissionError:
+        raise InputError(f"image file is not readable (permission denied): {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: not a valid image file ({type(exc).__name__})") from None
+    return validate_image(rgb, str(path))
+
+
+def validate_image(img: Image.Image, name: str = "image") -> Image.Image:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(f"{name} has zero size ({w}x{h})")
+    if w * h > MAX_INPUT_PIXELS:
+        raise InputError(f"{name} is {w}x{h}: over the {MAX_INPUT_PIXELS / 1e6:.0f} MP limit; downscale it first")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def white_canvas(width: int, height: int) -> Image.Image:
+    return Image.new("RGB", (width, height), (255, 255, 255))
+
+
+def to_float_pixels(img: Image.Image) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW in [0, 1], each value the correctly rounded u8/255."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return (arr.float() / 255.0).permute(2, 0, 1)
+
+
+def patchify(pixels: torch.Tensor, patch: int = 14, stride: int = 2) -> torch.Tensor:
+    """[3, H, W] -> [N, 3*patch*patch] rows in 2x2-group order, each patch channel-major."""
+    c, h, w = pixels.shape
+    gh, gw = h // patch, w // patch
+    x = pixels.reshape(c, gh // stride, stride, patch, gw // stride, stride, patch)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # groups (r, c), in-group (r, c), channel, py, px
+    return x.reshape(gh * gw, c * patch * patch)
+
+
+@dataclass
+class VisionInput:
+    pixel_values: torch.Tensor  # [N, 588] float32
+    grid_thws: torch.Tensor  # [n_images, 3] int64
+
+    @property
+    def num_images(self) -> int:
+        return int(self.grid_thws.shape[0])
+
+
+def preprocess_image(img: Image.Image, pp: PreprocessorConfig) -> VisionInput:
+    """Understanding-path preprocessing of one image (spec §3.1 steps 3-5)."""
+    w, h = img.size
+    nh, nw = checked_size(h, w, pp.factor, pp.min_pixels, pp.max_pixels)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    x = to_float_pixels(img)
+    mean = torch.tensor(pp.image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(pp.image_std, dtype=torch.float32).view(3, 1, 1)
+    x = (x - mean) / std
+    grid = torch.tensor([[pp.temporal_patch_size, nh // pp.patch_size, nw // pp.patch_size]], dtype=torch.long)
+    return VisionInput(patchify(x, pp.patch_size, pp.hidden_stride), grid)
+
+
+def concat_vision(inputs: list[VisionInput]) -> VisionInput:
+    return VisionInput(torch.cat([i.pixel_values for i in inputs]), torch.cat([i.grid_thws for i in inputs]))
+
+
+def generation_vision_input(img: Image.Image, pp: PreprocessorConfig) -> VisionInput:
+    """The ViT view of a canvas or edit image: a first smart_resize to about min_pixels (spec §4)."""
+    w, h = img.size
+    nh, nw = checked_size(h, w, pp.factor, 3136, pp.min_pixels)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    return preprocess_image(img, pp)
+
+
+def vae_pixels(img: Image.Image) -> torch.Tensor:
+    """[1, 3, H, W] in [-1, 1] for the VAE encoder: (u8/255 - 0.5)/0.5."""
+    return ((to_float_pixels(img) - 0.5) / 0.5).unsqueeze(0)
+
+
+def stretch(img: Image.Image, width: int, height: int) -> Image.Image:
+    """The edit input is stretched to (W, H) with PIL bicubic, no crop (spec §3.8 step 0)."""
+    return img if img.size == (width, height) else img.resize((width, height), Image.Resampling.BICUBIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (Qwen3ConversationFormatter, spec §4).
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Turn:
+    """One finished exchange, fed back for multi-turn chat."""
+
+    question: str
+    answer: str
+    num_images: int = 0
+
+
+def image_content(question: str, num_images: int) -> str:
+    if num_images == 0:
+        return question
+    if num_images == 1:
+        return f"{IMAGE_TOKEN}\n{question}"
+    return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(num_images)) + question
+
+
+def user_turn(content: str) -> str:
+    return f"<|im_start|>user\n{content}<|im_end|>\n"
+
+
+def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> str:
+    """Previous turns, then the question, then an assistant turn with an empty think block."""
+    text = ""
+    for turn in history or []:
+        text += user_turn(image_content(turn.question, turn.num_images))
+        text += f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"
+    return text + user_turn(image_content(question, num_images)) + "<|im_start|>assistant\n" + THINK_EMPTY
+
+
+def generation_prompt(content: str) -> str:
+    """A generation condition: the user turn only, one image, no assistant prefix."""
+    return user_turn(f"{IMAGE_TOKEN}\n{content}")
+
+
+def tokenize_with_images(tokenizer, text: str) -> torch.Tensor:
+    """Chunks between `<image>` tokenised separately, joined by the [-301, -300, -302] placeholder."""
+    ids: list[int] = []
+    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if i > 0:
+            ids.extend(IMAGE_PLACEHOLDER)
+        if chunk:
+            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def truncate_left(embeds: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Keep the last `max_length` positions, with a warning (spec §3.4 step 5)."""
+    if embeds.shape[1] <= max_length:
+        return embeds
+    warnings.warn(f"prompt is {embeds.shape[1]} tokens, over multimodal_max_length {max_length}: "
+                  f"keeping the last {max_length}", stacklevel=2)
+    return embeds[:, -max_length:]

@@ -1,0 +1,38 @@
+"""The Qwen2 byte-level BPE tokenizer, loaded from a checkpoint directory through transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
+
+REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+class TokenizerError(Exception):
+    """A checkpoint whose tokenizer files are missing or unusable."""
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """transformers' Qwen2 tokenizer on the checkpoint's vocab.json + merges.txt (or tokenizer.json).
+
+    Not AutoTokenizer: it reads config.json, sees the reference's `auto_map` and stops to ask
+    about remote code. And `Qwen2TokenizerFast(vocab_file=..., merges_file=...)` silently builds
+    an empty tokenizer (deps.md §2), so the result is checked rather than trusted.
+    """
+    directory = Path(directory)
+    has_files = (directory / "tokenizer.json").exists() or (
+        (directory / "vocab.json").exists() and (directory / "merges.txt").exists())
+    if not has_files:
+        raise TokenizerError(f"{directory} has no tokenizer (expected vocab.json + merges.txt or tokenizer.json)")
+    try:
+        tok = Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+        raise TokenizerError(f"cannot load the tokenizer in {directory}: {str(exc).splitlines()[0]}") from None
+    if len(tok) < 256 or not tok("a b", add_special_tokens=False)["input_ids"]:
+        raise TokenizerError(f"the tokenizer in {directory} came out empty ({len(tok)} tokens)")
+    vocab = tok.get_vocab()
+    missing = [t for t in REQUIRED_TOKENS if t not in vocab]
+    if missing:
+        raise TokenizerError(f"the tokenizer in {directory} lacks the special tokens {missing}")
+    return tok
