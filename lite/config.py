@@ -13,15 +13,13 @@ from typing import Any
 
 from transformers import Qwen3Config
 
+from .errors import ConfigError
+
 # The reference config loader renames the "native" AIMv2 model types (spec §2.3).
 _MODEL_TYPE_RENAMES = {
     "aimv2_native_visual_tokenizer": "aimv2_visual_tokenizer",
     "aimv2_native": "aimv2",
 }
-
-
-class ConfigError(ValueError):
-    """A config file that cannot describe an Ovis-U1 model."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,16 +21,14 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import OvisU1Config, load_config
+from .errors import CheckpointError
 from .memory import rss_anon_bytes, trim_host_heap
 from .modeling_ovis_u1 import TIED_KEYS, OvisU1, component_of
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 MODEL_ENV = "OVIS_LITE_MODEL"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be found or loaded; the message is one line for the user."""
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -58,12 +57,13 @@ def find_checkpoint(model: str | os.PathLike[str] | None = None) -> Path:
                 return path
             looked.append(f"{path} (no config.json)")
             continue
-        looked.append(str(path))
-        if "/" in cand and not path.exists() and len(cand.split("/")) == 2:
+        if _REPO_ID.fullmatch(cand) and not path.exists():
             snap = _hf_cache_snapshot(cand)
             if snap is not None:
                 return snap
-            looked[-1] = f"HF cache for {cand}"
+            looked.append(f"HF cache for {cand}")
+        else:
+            looked.append(f"{path} (not found)" if not path.exists() else f"{path} (not a directory)")
     raise CheckpointError(
         f"no Ovis-U1 checkpoint found (looked in: {', '.join(looked)}); download {HF_REPO_IDS[0]} "
         f"(e.g. `huggingface-cli download {HF_REPO_IDS[0]}`) and pass --model DIR, or set ${MODEL_ENV}")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from . import latents
 from .config import PreprocessorConfig, load_preprocessor_config
+from .errors import InputError
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .loading import LoadReport, find_checkpoint, load_model
 from .memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, rss_anon_bytes
@@ -31,7 +32,6 @@ from .modeling_yak import RefinedText
 from .processing import (
     T2I_PREFIX,
     UNCONDITIONAL_PROMPT,
-    InputError,
     Turn,
     concat_vision,
     edit_output_size,
@@ -49,9 +49,9 @@ from .processing import (
 )
 from .sampling import SOLVERS, SPACINGS, nfe as solver_nfe, reference_schedule, sample, time_shift_mu
 from .tokenizer import load_tokenizer
+from .validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
 
 PhaseListener = Callable[[str], None]
-MIN_SIDE, MAX_SIDE = 16, 4096
 
 
 @dataclass
@@ -90,23 +90,6 @@ class RunStats:
     peak_rss_bytes: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def check_positive_int(name: str, value: int, low: int = 1, high: int | None = None) -> None:
-    if not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise InputError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def check_cfg(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or value != value or value < 0:
-        raise InputError(f"{name} must be a number >= 0, got {value!r}")
-
-
-def check_text(name: str, text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{name} is empty; give a non-empty {name}")
-    return text
 
 
 class OvisPipeline:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import PreprocessorConfig
+from .errors import InputError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = (-301, -300, -302)
@@ -25,10 +26,6 @@ T2I_PREFIX = ("Describe the image by detailing the color, shape, size, texture, 
               "and spatial relationships of the objects:")
 UNCONDITIONAL_PROMPT = "Generate an image."
 THINK_EMPTY = "<think>\n\n</think>\n\n"
-
-
-class InputError(ValueError):
-    """Bad user input; the message is one line that says what is wrong and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
 
+from .errors import TokenizerError
+
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
-class TokenizerError(Exception):
-    """A checkpoint whose tokenizer files are missing or unusable."""
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:

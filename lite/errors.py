@@ -1,0 +1,34 @@
+"""Errors the user can fix. Each message is one line that says what is wrong and how to fix it.
+
+Kept free of heavy imports so the CLI can report a bad argument before torch is loaded.
+"""
+
+from __future__ import annotations
+
+
+class OvisLiteError(Exception):
+    """Base of every error the CLI reports as one line with exit code 2."""
+
+
+class InputError(OvisLiteError, ValueError):
+    """Bad user input: an image, a prompt, a number out of range."""
+
+
+class ConfigError(OvisLiteError, ValueError):
+    """A config file that cannot describe an Ovis-U1 model."""
+
+
+class CheckpointError(OvisLiteError):
+    """A checkpoint that cannot be found or loaded."""
+
+
+class TokenizerError(OvisLiteError):
+    """A checkpoint whose tokenizer files are missing or unusable."""
+
+
+class DeviceError(OvisLiteError, ValueError):
+    """An unknown device or dtype name."""
+
+
+class OutputError(OvisLiteError):
+    """An output that cannot be written without losing something the user owns."""

@@ -1,0 +1,116 @@
+"""bitsandbytes nf4/fp4 layers, imported lazily so `import quant` stays fast and works without bnb.
+
+Every layer gets `support_avx512bf16_for_cpu = False`: on AVX512-BF16 CPUs bnb otherwise
+repacks the weight in place on the first forward and then corrupts non-double-quant layers
+when they are saved or moved (deps.md §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .spec import BNB_BLOCKSIZE, dtype_from_name, dtype_name
+
+SUPPORTED_DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu")
+_bnb: Any = None
+_import_error: str | None = None
+
+
+def _load() -> Any:
+    """Import bitsandbytes once, swallowing its harmless 'kernels-community' import chatter."""
+    global _bnb, _import_error
+    if _bnb is None and _import_error is None:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                _bnb = importlib.import_module("bitsandbytes")
+        except Exception as exc:  # ImportError, or a broken native library
+            _import_error = f"{type(exc).__name__}: {exc}"
+    return _bnb
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when bnb 4-bit can run on `device`, else a short reason."""
+    if device.type not in SUPPORTED_DEVICE_TYPES:
+        return f"bitsandbytes 4-bit does not run on {device.type}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available"
+    if _load() is None:
+        return f"bitsandbytes is not importable ({_import_error})"
+    return None
+
+
+def owns(module: nn.Module) -> bool:
+    """True for a bnb Linear4bit (checked without importing bnb)."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+def _empty_layer(in_features: int, out_features: int, bias: bool, fmt: str, compute_dtype: torch.dtype,
+                 double_quant: bool) -> nn.Module:
+    bnb = _load()
+    with contextlib.redirect_stderr(io.StringIO()):
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                                  compress_statistics=double_quant, quant_type=fmt, device="meta")
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
+          compute_dtype: torch.dtype, double_quant: bool = False) -> nn.Module:
+    """Quantize one weight on `device` into a Linear4bit (the fp copy lives only during the call)."""
+    bnb = _load()
+    out_features, in_features = weight.shape
+    layer = _empty_layer(in_features, out_features, bias is not None, fmt, compute_dtype, double_quant)
+    w = weight.detach().to(device=device, dtype=compute_dtype)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=BNB_BLOCKSIZE, compress_statistics=double_quant,
+                                     quant_type=fmt, module=layer)._quantize(device)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=compute_dtype), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def export(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Payload tensors and manifest fields of one Linear4bit, in bnb's portable packing."""
+    qs = layer.weight.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
+        raise RuntimeError("bnb layer was repacked for the CPU kernel; set support_avx512bf16_for_cpu=False before use")
+    tensors = {"qweight": layer.weight.data, "absmax": qs.absmax, "quant_map": qs.code}
+    fields: dict[str, Any] = {"format": qs.quant_type, "blocksize": qs.blocksize, "double_quant": qs.nested,
+                              "dtype": dtype_name(qs.dtype), "compute_dtype": dtype_name(layer.compute_dtype)}
+    if qs.nested:
+        tensors["nested_absmax"] = qs.state2.absmax
+        tensors["nested_quant_map"] = qs.state2.code
+        tensors["nested_offset"] = qs.offset.reshape(()).to(torch.float32)
+        fields["nested_blocksize"] = qs.state2.blocksize
+        fields["nested_dtype"] = dtype_name(qs.state2.dtype)
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.data
+    return tensors, fields
+
+
+def restore(entry: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Rebuild a Linear4bit from an exported payload without any full-precision weight."""
+    bnb = _load()
+    out_features, in_features = entry["shape"]
+    compute_dtype = dtype_from_name(entry["compute_dtype"])
+    layer = _empty_layer(in_features, out_features, "bias" in tensors, entry["format"], compute_dtype,
+                         bool(entry["double_quant"]))
+    qs: dict[str, Any] = {"quant_type": entry["format"], "blocksize": int(entry["blocksize"]), "dtype": entry["dtype"],
+                          "shape": [out_features, in_features], "absmax": tensors["absmax"],
+                          "quant_map": tensors["quant_map"]}
+    if entry["double_quant"]:
+        qs.update(nested_absmax=tensors["nested_absmax"], nested_quant_map=tensors["nested_quant_map"],
+                  nested_offset=tensors["nested_offset"], nested_blocksize=int(entry["nested_blocksize"]),
+                  nested_dtype=entry["nested_dtype"])
+    layer.weight = bnb.nn.Params4bit.from_prequantized(tensors["qweight"], qs, requires_grad=False, device=device,
+                                                       module=layer)
+    if "bias" in tensors:
+        layer.bias = nn.Parameter(tensors["bias"].to(device=device, dtype=compute_dtype), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False
+    return layer

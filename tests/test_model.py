@@ -1,0 +1,205 @@
+"""Model pieces checked against independent computations written from the spec."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lite.config import PreprocessorConfig, load_config
+from lite.inspect import inspect_config
+from lite.latents import image_ids, pack, unpack
+from lite.modeling_aimv2 import apply_rotary_rotate_half, indicator_rows, vision_rope_angles
+from lite.modeling_yak import apply_rope, rope_table, timestep_embedding
+from lite.processing import edit_output_size, generation_vision_input, patchify, preprocess_image, smart_resize
+from lite.sampling import time_shift_mu
+
+from .conftest import REAL_CONFIG
+
+
+# -- sizes (spec §3.1, §4, §5) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw, expected", [((1024, 1024), (1036, 1036)), ((1080, 1920), (1092, 1932)),
+                                          ((4000, 3000), (1792, 1344))])
+def test_smart_resize_understanding_examples(hw, expected):
+    assert smart_resize(*hw, 28, 200704, 2408448) == expected
+
+
+@pytest.mark.parametrize("hw, first, second", [((1024, 1024), (448, 448), (448, 448)),
+                                               ((768, 1024), (364, 504), (392, 532)),
+                                               ((720, 1280), (336, 588), (364, 616))])
+def test_generation_image_sizes(hw, first, second):
+    assert smart_resize(*hw, 28, 3136, 200704) == first
+    assert smart_resize(*first, 28, 200704, 2408448) == second
+    real = PreprocessorConfig()
+    h, w = hw
+    vis = generation_vision_input(Image.new("RGB", (w, h), "white"), real)
+    assert vis.grid_thws.tolist() == [[1, second[0] // 14, second[1] // 14]]
+
+
+@pytest.mark.parametrize("wh, expected", [((1024, 704), (1024, 704)), ((1024, 1024), (992, 992)),
+                                          ((1920, 1080), (1312, 736)), ((3000, 2000), (1216, 800))])
+def test_edit_output_sizes(wh, expected):
+    assert edit_output_size(*wh) == expected
+
+
+# -- patch order (spec §3.1 step 5) -------------------------------------------------------------
+
+def test_patchify_emits_2x2_groups_channel_major():
+    gh, gw = 4, 6
+    pixels = torch.zeros(3, gh * 14, gw * 14)
+    for r in range(gh):
+        for c in range(gw):
+            pixels[:, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = r * 100 + c
+    pixels[1] += 0.5  # channel 1 marked to check channel-major flattening
+    rows = patchify(pixels)
+    expected_order = []
+    for gr in range(gh // 2):
+        for gc in range(gw // 2):
+            for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                expected_order.append((2 * gr + dr) * 100 + 2 * gc + dc)
+    assert rows[:, 0].tolist() == expected_order
+    assert torch.all(rows[:, 196:392] == rows[:, :1] + 0.5)
+
+
+def test_pixel_values_are_clip_normalised():
+    img = Image.fromarray(np.full((56, 84, 3), 200, dtype=np.uint8))
+    pp = PreprocessorConfig(min_pixels=3136, max_pixels=12544)
+    vis = preprocess_image(img, pp)
+    for ch in range(3):
+        expected = (np.float32(200 / 255) - np.float32(pp.image_mean[ch])) / np.float32(pp.image_std[ch])
+        assert torch.allclose(vis.pixel_values[:, ch * 196], torch.tensor(float(expected)), atol=1e-6)
+
+
+# -- RoPE (spec §3.2 step 3, §3.7 step 5) ---------------------------------------------------------
+
+def test_vision_rope_matches_direct_formula():
+    head_dim = 16
+    grid = torch.tensor([[1, 2, 4]])
+    angles = vision_rope_angles(grid, head_dim)
+    x = torch.randn(8, 1, head_dim, dtype=torch.float64).float()
+    out = apply_rotary_rotate_half(x, angles)
+    order = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
+    for n, (row, col) in enumerate(order):
+        theta = [row * 10000 ** (-2 * j / 8) for j in range(4)] + [col * 10000 ** (-2 * j / 8) for j in range(4)]
+        v = x[n, 0].double().tolist()
+        for i in range(8):  # dim i rotates with dim i + 8 by theta[i]
+            c, s = math.cos(theta[i]), math.sin(theta[i])
+            assert out[n, 0, i].item() == pytest.approx(v[i] * c - v[i + 8] * s, abs=1e-5)
+            assert out[n, 0, i + 8].item() == pytest.approx(v[i + 8] * c + v[i] * s, abs=1e-5)
+
+
+def test_yak_rope_matches_direct_formula():
+    axes = (4, 10, 10)
+    ids = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 5.0, 1.0]]])
+    table = rope_table(ids, axes, 10000)
+    q = torch.randn(1, 1, 3, 24)
+    out = apply_rope(q, table)
+    for n in range(3):
+        pair = 0
+        for axis, d in enumerate(axes):
+            for j in range(d // 2):
+                ang = ids[0, n, axis].item() * 10000 ** (-2 * j / d)
+                z = complex(q[0, 0, n, 2 * pair], q[0, 0, n, 2 * pair + 1]) * complex(math.cos(ang), math.sin(ang))
+                assert out[0, 0, n, 2 * pair].item() == pytest.approx(z.real, abs=1e-5)
+                assert out[0, 0, n, 2 * pair + 1].item() == pytest.approx(z.imag, abs=1e-5)
+                pair += 1
+    assert torch.equal(out[0, 0, 0], q[0, 0, 0])  # text ids (0,0,0): identity
+
+
+def test_rope_table_never_needs_float64_on_device():
+    table = rope_table(torch.zeros(1, 2, 3), (4, 10, 10), 10000)
+    assert table.dtype == torch.float32
+
+
+# -- timestep embedding, schedule shift --------------------------------------------------------
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.731, 1.0])
+def test_timestep_embedding_is_cos_first(t):
+    emb = timestep_embedding(torch.tensor([t]))[0]
+    for k in (0, 1, 17, 127):
+        f = math.exp(-math.log(10000) * k / 128)
+        assert emb[k].item() == pytest.approx(math.cos(1000 * t * f), abs=2e-4)
+        assert emb[128 + k].item() == pytest.approx(math.sin(1000 * t * f), abs=2e-4)
+
+
+def test_timestep_is_rounded_in_bf16():
+    emb = timestep_embedding(torch.tensor([0.99358], dtype=torch.bfloat16)).float()
+    expected = timestep_embedding(torch.tensor([992.0 / 1000]))  # 0.99358 -> 0.9921875 -> 992.0
+    torch.testing.assert_close(emb, expected, atol=1e-2, rtol=0)
+
+
+def test_mu_for_1024_square_and_512():
+    assert time_shift_mu(4096) == pytest.approx(1.15)
+    assert time_shift_mu(1024) == pytest.approx(0.63)
+
+
+# -- packing, indicator rows, condition layout ---------------------------------------------------
+
+def test_pack_layout_and_round_trip():
+    lat = torch.randn(1, 4, 6, 8)
+    packed = pack(lat)
+    assert packed.shape == (1, 12, 16)
+    for r, c, ch, ph, pw in [(0, 0, 0, 0, 0), (2, 3, 3, 1, 1), (1, 2, 2, 0, 1)]:
+        assert packed[0, r * 4 + c, ch * 4 + ph * 2 + pw] == lat[0, ch, 2 * r + ph, 2 * c + pw]
+    assert torch.equal(unpack(packed, 3, 4), lat)
+    ids = image_ids(3, 4, index=1)
+    assert ids[0, 7].tolist() == [1.0, 1.0, 3.0]
+
+
+def test_indicator_rows_of_real_vocabulary():
+    assert indicator_rows(65536) == [65531, 65532, 65533, 65534]
+
+
+def test_generation_condition_layout(golden_model):
+    """[final-norm(last layer) ; raw residual after the second-to-last layer], in that order."""
+    llm = golden_model.llm.model
+    embeds = torch.randn(1, 7, golden_model.config.hidden_size)
+    outputs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in llm.layers]
+    cond = golden_model.condition(embeds)
+    for h in hooks:
+        h.remove()
+    hidden = golden_model.config.hidden_size
+    torch.testing.assert_close(cond[..., :hidden], llm.norm(outputs[-1]))
+    torch.testing.assert_close(cond[..., hidden:], outputs[-2])
+
+
+def test_visual_embedding_indicators_and_splice(golden_model):
+    ids = torch.tensor([5, -301, -300, -302, 7])
+    visual = [torch.randn(3, golden_model.config.hidden_size)]
+    embeds = golden_model.merge_multimodal(ids, visual)[0]
+    vte = golden_model.vte.weight
+    assert embeds.shape[0] == 7
+    torch.testing.assert_close(embeds[1], vte[-5])
+    torch.testing.assert_close(embeds[2:5], visual[0])
+    torch.testing.assert_close(embeds[5], vte[-4])
+    torch.testing.assert_close(embeds[6], golden_model.llm.model.embed_tokens.weight[7])
+
+
+# -- the real config -----------------------------------------------------------------------------
+
+def test_inspect_real_config_matches_tensors_json():
+    cfg = load_config(REAL_CONFIG / "config.json")
+    result = inspect_config(cfg, tensors=True)
+    expected = json.loads((REAL_CONFIG / "tensors.json").read_text())
+    assert result["tensors"] == expected
+    assert result["total_params"] == 3_644_208_367
+    comps = {k: v["params"] for k, v in result["components"].items()}
+    assert comps == {"llm": 1_720_574_976, "vision": 309_984_256, "visual_head": 268_550_136,
+                     "vte": 134_217_728, "yak": 1_127_227_408, "vae": 83_653_863}
+
+
+def test_real_config_renames_native_model_types():
+    data = json.loads((REAL_CONFIG / "config.json").read_text())
+    data["visual_tokenizer_config"]["model_type"] = "aimv2_native_visual_tokenizer"
+    data["visual_tokenizer_config"]["backbone_config"]["model_type"] = "aimv2_native"
+    from lite.config import parse_config
+
+    cfg = parse_config(data)
+    assert cfg.vision.hidden_size == 1024 and cfg.vision.vocab_size == 65536 and cfg.yak.context_in_dim == 4096
