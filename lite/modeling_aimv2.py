@@ -201,13 +201,22 @@ class VisualTokenizer(nn.Module):
         logits = self.head(merged.to(self.head[0].weight.dtype))
         return logits.float().softmax(-1).to(logits.dtype)
 
-    def embed(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor, vte: nn.Embedding,
+    def embed(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor, vte: "VisualEmbedding",
               chunk: int = 512) -> torch.Tensor:
         """Visual embeddings [N/4, H_llm] = probabilities @ vte, chunked to bound the [M, 65532] peak."""
         merged = self.merge_features(self.backbone(pixel_values, grid_thws))
-        table = vte.weight[: self.config.head_out_features]
-        outs = [self.probabilities(part).to(table.dtype) @ table for part in merged.split(chunk)]
-        return torch.cat(outs, 0)
+        return torch.cat([vte(self.probabilities(part)) for part in merged.split(chunk)], 0)
+
+
+class VisualEmbedding(nn.Embedding):
+    """The VTE table. Float input: probabilities @ table (the reference's matmul, the 4 zero
+    indicator columns skipped); integer input: a row lookup. Either way it goes through
+    `forward`, so module hooks (offloading) see every use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return x.to(self.weight.dtype) @ self.weight[: x.shape[-1]]
+        return super().forward(x)
 
 
 INDICATOR_IDS = (-301, -302, -303, -304)

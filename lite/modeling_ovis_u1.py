@@ -17,7 +17,7 @@ from torch import nn
 from transformers import Qwen3ForCausalLM
 
 from .config import OvisU1Config
-from .modeling_aimv2 import INDICATOR_IDS, VisualTokenizer, indicator_rows
+from .modeling_aimv2 import INDICATOR_IDS, VisualEmbedding, VisualTokenizer, indicator_rows
 from .modeling_yak import YakTransformer
 
 IMAGE_ATOM_ID = -300
@@ -54,7 +54,7 @@ class OvisU1(nn.Module):
         self.config = config
         self.llm = Qwen3ForCausalLM(config.qwen3_config())
         self.visual_tokenizer = VisualTokenizer(config.vision)
-        self.vte = nn.Embedding(config.vision.vocab_size, config.hidden_size)
+        self.vte = VisualEmbedding(config.vision.vocab_size, config.hidden_size)
         self.visual_generator = VisualGenerator(config)
 
     # -- understanding side -------------------------------------------------------------------
@@ -67,7 +67,8 @@ class OvisU1(nn.Module):
 
     def indicator_embeddings(self) -> torch.Tensor:
         """Embeddings for ids -301..-304: vte rows V-5..V-2 (spec §3.3 step 6)."""
-        return self.vte.weight[indicator_rows(self.config.vision.vocab_size)]
+        rows = torch.tensor(indicator_rows(self.config.vision.vocab_size), device=self.vte.weight.device)
+        return self.vte(rows)
 
     def merge_multimodal(self, input_ids: torch.Tensor, visual: list[torch.Tensor]) -> torch.Tensor:
         """[L] ids with placeholders -> [1, L', H] LLM input embeddings (spec §3.4)."""
