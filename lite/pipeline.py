@@ -52,6 +52,16 @@ from .tokenizer import load_tokenizer
 from .validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
 
 PhaseListener = Callable[[str], None]
+OOM_RETRY_FACTOR = 0.75
+
+
+@dataclass
+class OffloadSettings:
+    """Page weights through the device inside `budget_bytes` (see `offload/`)."""
+
+    budget_bytes: int
+    prefetch_depth: int = 1
+    simulate: bool = False  # CPU test mode: offloaded weights become loud placeholders
 
 
 @dataclass
@@ -107,6 +117,12 @@ class OvisPipeline:
         self.last_run: RunStats | None = None
         self.refiner_calls = 0
         self.model_id = "AIDC-AI/Ovis-U1-3B"
+        self.offload: OffloadSettings | None = None
+        self.offloader: Any = None
+        self.offload_plan: Any = None
+        self._offload_key: tuple[Any, ...] | None = None
+        self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
+        self.notify: Callable[[str], None] = lambda message: None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
@@ -136,8 +152,97 @@ class OvisPipeline:
         return self.model.visual_generator.vae
 
     def _phase(self, name: str) -> None:
+        if self.offloader is not None:
+            self.offloader.enter_phase(name)
         for listener in self.phase_listeners:
             listener(name)
+
+    # -- offloading --------------------------------------------------------------------------------
+
+    def enable_offload(self, budget_bytes: int, prefetch_depth: int = 1, simulate: bool = False) -> None:
+        """Plan and page the weights inside `budget_bytes` of device memory, per task and size.
+
+        The weights must be on the host (CPU); `self.device` is where compute runs. On CPU the
+        offloader only accounts (or, with `simulate`, really drops and restores weights).
+        """
+        self.disable_offload()
+        self.offload = OffloadSettings(int(budget_bytes), prefetch_depth, simulate)
+
+    def disable_offload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.remove()
+        self.offload = self.offloader = self.offload_plan = self._offload_key = None
+
+    def workload(self, task: str, width: int = 0, height: int = 0, nfe: int | None = None,
+                 max_new_tokens: int = 1024, num_images: int = 1) -> Any:
+        from .memory_plan import Workload
+
+        return Workload(task, width=width or 1024, height=height or 1024, nfe=nfe, num_images=num_images,
+                        max_new_tokens=max_new_tokens, device_type=self.device.type,
+                        dtype_bytes=torch.finfo(self.dtype).bits // 8,
+                        vae_dtype_bytes=torch.finfo(self.vae.dtype).bits // 8, vae_tile=self.vae_tile)
+
+    def plan_for(self, wl: Any, budget_bytes: int | None = None) -> Any:
+        """The offload plan for a workload on this model (sizes are the real, possibly quantized, bytes)."""
+        from offload import BudgetError, plan
+
+        from .memory_plan import activation_bytes, ovis_units
+
+        budget = budget_bytes if budget_bytes is not None else self.offload.budget_bytes
+        act = activation_bytes(self.model.config, self.pp, wl)
+        error: BudgetError | None = None
+        for llm_group in (4, 2, 1):
+            try:
+                units = ovis_units(self.model, wl, llm_group=llm_group)
+                return units, plan(budget, units, act, max_prefetch_depth=self.offload.prefetch_depth)
+            except BudgetError as exc:
+                error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
+        raise error  # type: ignore[misc]
+
+    def _prepare_offload(self, wl: Any) -> None:
+        if self.offload is None:
+            return
+        from offload import attach_offload
+
+        key = (wl.task, wl.output_size if wl.task != "understand" else None, wl.model_evaluations,
+               self.offload.budget_bytes)
+        if self.offloader is not None and key == self._offload_key:
+            return
+        if self.offloader is not None:
+            self.offloader.remove()
+            self.offloader = None
+        units, plan = self.plan_for(wl)
+        self.offloader = attach_offload(units, plan, self.device, simulate=self.offload.simulate)
+        self.offload_plan, self._offload_key = plan, key
+
+    def _run_with_retry(self, wl: Any, run: Callable[[], Any]) -> Any:
+        """Run a task; on a device OOM, retry once with a plan for a smaller budget."""
+        self._prepare_offload(wl)
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            current = self.offload.budget_bytes if self.offload else self._device_total_bytes()
+            smaller = int(current * OOM_RETRY_FACTOR)
+            self.notify(f"out of device memory with a {current / 2**30:.2f} GiB plan; retrying once "
+                        f"with a {smaller / 2**30:.2f} GiB plan")
+            prefetch = self.offload.prefetch_depth if self.offload else 1
+            simulate = self.offload.simulate if self.offload else False
+            self.enable_offload(smaller, prefetch, simulate)
+            self._prepare_offload(wl)
+            try:
+                return run()
+            except torch.OutOfMemoryError:
+                raise InputError(f"out of device memory even with a {smaller / 2**30:.2f} GiB plan; "
+                                 f"choose a smaller preset or resolution") from None
+
+    def _device_total_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.get_device_properties(self.device).total_memory)
+        from offload import module_nbytes
+
+        return module_nbytes(self.model)
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
@@ -179,6 +284,10 @@ class OvisPipeline:
         imgs = [validate_image(img, f"image {i + 1}") for i, img in enumerate(imgs)]
         start = time.perf_counter()
         reset_device_peak(self.device)
+        w = max((img.size[0] for img in imgs), default=448)
+        h = max((img.size[1] for img in imgs), default=448)
+        self._prepare_offload(self.workload("understand", w, h, max_new_tokens=max_new_tokens,
+                                            num_images=max(len(imgs), 1)))
         self._phase("conditions")
         with torch.inference_mode():
             embeds = self._llm_inputs(understanding_prompt(question, len(imgs), history), imgs, generation=False)
@@ -253,12 +362,17 @@ class OvisPipeline:
         start = time.perf_counter()
         reset_device_peak(self.device)
         stats = RunStats(task="t2i", steps=steps, width=width, height=height)
-        canvas = white_canvas(width, height)
-        conditions = self._conditions(stats, [("cond", T2I_PREFIX + prompt, canvas),
-                                              ("no_both", UNCONDITIONAL_PROMPT, canvas)])
-        noise = latents.latent_noise(height, width, seed, self.device, self.dtype)
-        image = self._denoise_and_decode(stats, noise, conditions, Guidance(txt_cfg, 0.0, cfg_interval),
-                                         steps, solver, spacing)
+        guidance = Guidance(txt_cfg, 0.0, cfg_interval)
+
+        def run() -> Image.Image:
+            canvas = white_canvas(width, height)
+            conditions = self._conditions(stats, [("cond", T2I_PREFIX + prompt, canvas),
+                                                  ("no_both", UNCONDITIONAL_PROMPT, canvas)])
+            noise = latents.latent_noise(height, width, seed, self.device, self.dtype)
+            return self._denoise_and_decode(stats, noise, conditions, guidance, steps, solver, spacing)
+
+        nfe = self.planned_nfe("t2i", steps, solver, spacing, cfg_interval, width * height)
+        image = self._run_with_retry(self.workload("t2i", width, height, nfe=nfe), run)
         stats.settings = dict(prompt=prompt, seed=seed, steps=steps, txt_cfg=txt_cfg, solver=solver,
                               spacing=spacing, cfg_interval=list(cfg_interval) if cfg_interval else None)
         return self._finish_image(image, stats, start)
@@ -282,17 +396,22 @@ class OvisPipeline:
         start = time.perf_counter()
         reset_device_peak(self.device)
         stats = RunStats(task="edit", steps=steps, width=width, height=height)
-        source = stretch(image, width, height)
-        conditions = self._conditions(stats, [("cond", instruction.strip(), source),
-                                              ("no_both", UNCONDITIONAL_PROMPT, white_canvas(width, height)),
-                                              ("no_txt", UNCONDITIONAL_PROMPT, source)])
-        cond_latent = self.encode_image(source, latent, seed)
-        cond_ids = latents.image_ids(height // 16, width // 16, index=1, device=self.device)
-        for name in ("cond", "no_txt"):
-            conditions[name].cond_latent, conditions[name].cond_ids = cond_latent, cond_ids
-        noise = latents.latent_noise(height, width, seed, self.device, self.dtype)
-        out = self._denoise_and_decode(stats, noise, conditions, Guidance(txt_cfg, img_cfg, cfg_interval),
-                                       steps, solver, spacing)
+        guidance = Guidance(txt_cfg, img_cfg, cfg_interval)
+
+        def run() -> Image.Image:
+            source = stretch(image, width, height)
+            conditions = self._conditions(stats, [("cond", instruction.strip(), source),
+                                                  ("no_both", UNCONDITIONAL_PROMPT, white_canvas(width, height)),
+                                                  ("no_txt", UNCONDITIONAL_PROMPT, source)])
+            cond_latent = self.encode_image(source, latent, seed)
+            cond_ids = latents.image_ids(height // 16, width // 16, index=1, device=self.device)
+            for name in ("cond", "no_txt"):
+                conditions[name].cond_latent, conditions[name].cond_ids = cond_latent, cond_ids
+            noise = latents.latent_noise(height, width, seed, self.device, self.dtype)
+            return self._denoise_and_decode(stats, noise, conditions, guidance, steps, solver, spacing)
+
+        nfe = self.planned_nfe("edit", steps, solver, spacing, cfg_interval, width * height)
+        out = self._run_with_retry(self.workload("edit", image.size[0], image.size[1], nfe=nfe), run)
         stats.settings = dict(prompt=instruction, seed=seed, steps=steps, txt_cfg=txt_cfg, img_cfg=img_cfg,
                               solver=solver, spacing=spacing, latent=latent,
                               cfg_interval=list(cfg_interval) if cfg_interval else None)
@@ -396,9 +515,18 @@ class OvisPipeline:
         image.info["nfe"] = stats.nfe
         return image
 
-    def expected_nfe(self, task: str, steps: int, solver: str = "euler") -> int:
+    def planned_nfe(self, task: str, steps: int, solver: str = "euler", spacing: str = "linear",
+                    cfg_interval: tuple[float, float] | None = None, pixels: int = 1024 * 1024) -> int:
+        """MMDiT evaluations per image: the conditional pass at every evaluation, the others only
+        where guidance is active (the evaluation times are those the solver visits)."""
         passes = {"t2i": 2, "edit": 3}[task]
-        return passes * solver_nfe(solver, steps)
+        evaluations = solver_nfe(solver, steps)
+        if cfg_interval is None:
+            return passes * evaluations
+        ts = self.timesteps(steps, max(pixels // 256, 1), spacing)[:-1]
+        guided = sum(1 for t in ts if cfg_interval[0] <= t <= cfg_interval[1])
+        guided = round(guided * evaluations / max(len(ts), 1))
+        return evaluations + (passes - 1) * guided
 
     def memory_summary(self) -> str:
         return f"host RssAnon {rss_anon_bytes() / 2**30:.2f} GiB"

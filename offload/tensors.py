@@ -25,7 +25,7 @@ class OffloadedTensorError(RuntimeError):
 
 _METADATA_FUNCS = frozenset(
     {"__get__", "size", "numel", "element_size", "dim", "nelement", "stride", "is_contiguous",
-     "__repr__", "__format__", "__hash__", "__eq__"}
+     "__repr__", "__format__", "__hash__", "__eq__", "is_floating_point", "is_complex", "get_device"}
 )
 
 

@@ -1,0 +1,218 @@
+"""How much device memory an Ovis-U1 task needs, and how to cut the model into offload units.
+
+The planner in `offload/` is model-agnostic: it needs units (with byte sizes and the phases that use
+them) and an activation estimate per phase. This module supplies both for Ovis-U1. It works on a
+`meta` model, so `ovis-lite plan` answers before a single weight is read.
+
+Activation estimates are deliberately conservative upper bounds built from the shapes of the
+largest tensors alive at once in each phase (spec §6 gives the big ones: attention matrices on
+math-path SDPA, the VAE's full-resolution feature maps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload import UnitSpec, build_units
+from offload.units import Unit
+
+from .config import OvisU1Config, PreprocessorConfig
+from .modeling_ovis_u1 import OvisU1
+from .processing import edit_output_size, smart_resize, t2i_size
+
+PHASES = ("conditions", "denoise", "decode")
+TASKS = ("understand", "t2i", "edit")
+CFG_PASSES = {"t2i": 2, "edit": 3}
+GENERATION_PROMPT_TOKENS = 64  # the text around an image in a generation condition
+UNDERSTAND_PROMPT_TOKENS = 256
+TensorBytes = Callable[[str, torch.Tensor], int]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one call will do; enough to size its activations."""
+
+    task: str
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    nfe: int | None = None  # model evaluations per image; defaults to steps x CFG passes
+    num_images: int = 1
+    max_new_tokens: int = 1024
+    device_type: str = "cuda"
+    dtype_bytes: int = 2
+    vae_dtype_bytes: int = 4
+    vae_tile: int | None = None  # decode/encode tile side in pixels; None = untiled
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(W, H) of the generated image: floored to 16 for t2i, smart_resize(32) for edits."""
+        if self.task == "edit":
+            return edit_output_size(self.width, self.height)
+        return t2i_size(self.width, self.height)
+
+    @property
+    def model_evaluations(self) -> int:
+        return self.nfe if self.nfe is not None else self.steps * CFG_PASSES.get(self.task, 0)
+
+
+def _attention_scores(heads: int, q: int, k: int, nbytes: int, device_type: str) -> int:
+    """Math-path SDPA (CPU, MPS) materialises heads x q x k scores (twice: logits and softmax);
+    CUDA's flash / memory-efficient kernels keep it to one tile per block."""
+    if device_type == "cuda":
+        return heads * q * 64 * nbytes
+    return 2 * heads * q * k * nbytes
+
+
+def _vision_tokens(w: int, h: int, pp: PreprocessorConfig, generation: bool) -> int:
+    if generation:
+        h, w = smart_resize(h, w, pp.factor, 3136, pp.min_pixels)
+    h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels)
+    return (h // pp.patch_size) * (w // pp.patch_size)
+
+
+def conditions_activation(cfg: OvisU1Config, pp: PreprocessorConfig, wl: Workload) -> int:
+    """ViT over the image(s), visual head in chunks, one LLM forward (all hidden states kept)."""
+    b = wl.dtype_bytes
+    v = cfg.vision
+    if wl.task == "understand":
+        patches = _vision_tokens(wl.width, wl.height, pp, generation=False)
+        seq = min(cfg.multimodal_max_length, patches // 4 * wl.num_images + UNDERSTAND_PROMPT_TOKENS)
+        new = wl.max_new_tokens
+    else:
+        w, h = wl.output_size
+        patches = _vision_tokens(w, h, pp, generation=True)
+        seq = patches // 4 + GENERATION_PROMPT_TOKENS
+        new = 0
+    vit = patches * (4 * v.hidden_size + 3 * v.intermediate_size) * b
+    vit += _attention_scores(v.num_attention_heads, patches, patches, b, wl.device_type)
+    head = min(512, patches // 4) * v.head_out_features * (4 + b) * 2  # fp32 softmax of a 512-row chunk
+    llm = cfg.llm
+    hidden, layers = int(llm["hidden_size"]), int(llm["num_hidden_layers"])
+    kv_heads, head_dim = int(llm["num_key_value_heads"]), int(llm.get("head_dim", hidden // llm["num_attention_heads"]))
+    states = (layers + 1) * seq * hidden * b  # output_hidden_states keeps every layer
+    mlp = 3 * seq * int(llm["intermediate_size"]) * b
+    kv = 2 * layers * (seq + new) * kv_heads * head_dim * b
+    attn = _attention_scores(int(llm["num_attention_heads"]), seq, seq, b, wl.device_type)
+    logits = int(llm["vocab_size"]) * 4 * 2
+    return vit + head + states + mlp + kv + attn + logits
+
+
+def denoise_activation(cfg: OvisU1Config, wl: Workload) -> int:
+    """One Yak pass: the widest block (single: linear1 + concat) plus attention, plus latents."""
+    if wl.task == "understand":
+        return 0
+    y = cfg.yak
+    b = wl.dtype_bytes
+    w, h = wl.output_size
+    target = (w // 16) * (h // 16)
+    tokens = target * (2 if wl.task == "edit" else 1) + GENERATION_PROMPT_TOKENS + 300
+    widest = tokens * (3 * y.hidden_size + y.mlp_hidden) + tokens * (y.hidden_size + y.mlp_hidden)
+    per_pass = (widest + 4 * tokens * y.hidden_size) * b
+    per_pass += _attention_scores(y.num_heads, tokens, tokens, b, wl.device_type)
+    rope = tokens * (y.head_dim // 2) * 4 * 4
+    conditions = CFG_PASSES[wl.task] * (tokens * y.hidden_size * b + rope)
+    latents_bytes = 8 * target * y.in_channels * 4
+    return per_pass + conditions + latents_bytes
+
+
+def _vae_side_activation(cfg: OvisU1Config, w: int, h: int, wl: Workload) -> int:
+    channels = list(cfg.vae.get("block_out_channels", [128, 256, 512, 512]))
+    b = wl.vae_dtype_bytes
+    if wl.vae_tile is not None and max(w, h) > wl.vae_tile:
+        w = h = wl.vae_tile
+    full = 3 * channels[0] * w * h * b  # the last up block: input, GroupNorm output, conv output
+    mid = (w // 8) * (h // 8)
+    attn = _attention_scores(1, mid, mid, b, wl.device_type) + 4 * channels[-1] * mid * b
+    return max(full, attn) + 3 * w * h * 4
+
+
+def decode_activation(cfg: OvisU1Config, wl: Workload) -> int:
+    if wl.task == "understand":
+        return 0
+    w, h = wl.output_size
+    return _vae_side_activation(cfg, w, h, wl)
+
+
+def activation_bytes(cfg: OvisU1Config, pp: PreprocessorConfig, wl: Workload) -> dict[str, int]:
+    """Estimated activation peak per phase (bytes). The edit's VAE encode runs in `decode` units."""
+    return {"conditions": conditions_activation(cfg, pp, wl), "denoise": denoise_activation(cfg, wl),
+            "decode": decode_activation(cfg, wl)}
+
+
+def components(model: OvisU1) -> dict[str, nn.Module]:
+    return {"llm": model.llm, "vision": model.visual_tokenizer.backbone, "visual_head": model.visual_tokenizer.head,
+            "vte": model.vte, "yak": model.visual_generator.backbone, "vae": model.visual_generator.vae}
+
+
+def unit_specs(wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[UnitSpec]:
+    """Blocks of the LLM, ViT and Yak page one (group) at a time; the small pieces are whole units.
+
+    `uses` tells the planner which units to keep resident first: the Yak blocks run
+    steps x passes times, the LLM runs once per condition (or once per generated token).
+    """
+    gen = wl.task != "understand"
+    cond_uses = CFG_PASSES.get(wl.task, 1) if gen else 1 + wl.max_new_tokens
+    denoise = wl.model_evaluations if gen else 0
+    vision_phase = ("conditions",)
+    return [
+        UnitSpec("llm", "model.layers", llm_group, ("conditions",), cond_uses),
+        UnitSpec("llm", None, 1, ("conditions",), cond_uses),
+        UnitSpec("vision", "trunk.blocks", 6, vision_phase, CFG_PASSES.get(wl.task, 1)),
+        UnitSpec("vision", None, 1, vision_phase, CFG_PASSES.get(wl.task, 1)),
+        UnitSpec("visual_head", None, 1, vision_phase, CFG_PASSES.get(wl.task, 1)),
+        UnitSpec("vte", None, 1, ("conditions",), cond_uses),
+        UnitSpec("yak", "double_blocks", yak_group, ("denoise",), max(denoise, 1)),
+        UnitSpec("yak", "single_blocks", 3 * yak_group, ("denoise",), max(denoise, 1)),
+        # The rest holds the token refiner, which runs while the conditions are built.
+        UnitSpec("yak", None, 1, ("conditions", "denoise") if gen else ("denoise",), max(denoise, 1)),
+        UnitSpec("vae", None, 1, ("decode",), 2 if wl.task == "edit" else 1),
+    ]
+
+
+def ovis_units(model: OvisU1, wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[Unit]:
+    return build_units(components(model), unit_specs(wl, llm_group, yak_group))
+
+
+def resize_units(units: list[Unit], model: nn.Module, tensor_bytes: TensorBytes | None) -> list[Unit]:
+    """Re-size units with `tensor_bytes(state_dict_key, tensor)`, e.g. a tensor's size once quantized.
+
+    Lets the planner size a quantized layout on a `meta` model, before any weight exists.
+    """
+    if tensor_bytes is None:
+        return units
+    from dataclasses import replace
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for u in units:
+        total = 0
+        for slot in u.slots:
+            t = slot.get()
+            if t is not None:
+                prefix = names.get(id(slot.module), "")
+                total += tensor_bytes(f"{prefix}.{slot.name}" if prefix else slot.name, t)
+        out.append(replace(u, nbytes=total))
+    return out
+
+
+def total_weight_bytes(units: list[Unit]) -> int:
+    return sum(u.nbytes for u in units)
+
+
+def describe_budget(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def gib(n: float) -> int:
+    return int(math.ceil(n * 2**30))
