@@ -36,6 +36,9 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                                    "(default: $OVIS_LITE_MODEL, then the HF cache of AIDC-AI/Ovis-U1-3B)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--dtype", default="auto", help="bf16, fp16 or fp32 (default: bf16, as the reference)")
+    p.add_argument("--preset", help="quality-vs-memory preset (see `ovis-lite presets`; default: chosen for this machine)")
+    p.add_argument("--vram", help="plan as if the GPU had this much free memory, e.g. 6GB")
+    p.add_argument("--ram", help="plan as if the host had this much RAM, e.g. 16GB")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result at the end")
 
@@ -43,13 +46,13 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
 def _image_options(p: argparse.ArgumentParser, txt_cfg: float, img_cfg: float | None) -> None:
     p.add_argument("-o", "--output", required=True, help="output image (.png keeps the metadata)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's; reference 50)")
     p.add_argument("--seed", type=int, default=42, help="noise seed (default 42)")
     p.add_argument("--txt-cfg", type=float, default=txt_cfg, help=f"text guidance scale (default {txt_cfg})")
     if img_cfg is not None:
         p.add_argument("--img-cfg", type=float, default=img_cfg, help=f"image guidance scale (default {img_cfg})")
-    p.add_argument("--solver", default="euler", help="flow solver (default euler, the reference)")
-    p.add_argument("--spacing", default="linear", help="timestep spacing (default linear, the reference)")
+    p.add_argument("--solver", help="flow solver: euler (the reference), heun, dpmpp_2m, unipc (default: the preset's)")
+    p.add_argument("--spacing", help="timestep spacing: linear (the reference), logsnr, karras (default: the preset's)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"),
                    help="apply guidance only for t in [T_LO, T_HI] (t=1 is noise)")
 
@@ -98,6 +101,34 @@ def build_parser() -> OneLineParser:
     insp.add_argument("--tensors", action="store_true", help="list every tensor and its shape")
     insp.add_argument("--json", action="store_true")
 
+    insp.add_argument("--preset", help="report the bytes of this preset's quantized layout")
+
+    presets = sub.add_parser("presets", help="the presets and their planned peak memory at 1024x1024")
+    presets.add_argument("--device", default="cuda", choices=("cuda", "mps", "cpu"),
+                         help="plan for this kind of device (default cuda)")
+    presets.add_argument("--json", action="store_true")
+
+    plan = sub.add_parser("plan", help="the offload plan for a task, size and budget; reads no weights")
+    src = plan.add_mutually_exclusive_group()
+    src.add_argument("--config", help="a config.json (default: the real Ovis-U1-3B config)")
+    src.add_argument("--model", help="a checkpoint directory")
+    plan.add_argument("--task", choices=("understand", "t2i", "edit"), default="t2i")
+    plan.add_argument("--width", type=int, default=1024)
+    plan.add_argument("--height", type=int, default=1024)
+    plan.add_argument("--device", default="cuda", choices=("cuda", "mps", "cpu"))
+    how = plan.add_mutually_exclusive_group()
+    how.add_argument("--budget", help="device budget, e.g. 4GB or a number of bytes")
+    how.add_argument("--preset", help="use a preset's precision, sampling and budget")
+    plan.add_argument("--json", action="store_true")
+
+    quant = sub.add_parser("quantize", help="write a pre-quantized checkpoint for a preset")
+    quant.add_argument("--model", help="the source checkpoint directory")
+    quant.add_argument("--preset", required=True, help="the preset whose precision policy to apply")
+    quant.add_argument("--out", required=True, help="a new (or empty) output directory")
+    quant.add_argument("--device", default="cuda", choices=("cuda", "mps", "cpu"),
+                       help="the device the checkpoint is meant for (picks the backends; default cuda)")
+    quant.add_argument("--quiet", action="store_true")
+
     info = sub.add_parser("info", help="print the generation settings stored in an image")
     info.add_argument("image")
     info.add_argument("--json", action="store_true")
@@ -113,24 +144,55 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _load_pipeline(args: argparse.Namespace):
-    from .devices import resolve_device, resolve_dtype
+def _select_preset(args: argparse.Namespace, task: str, width: int, height: int):
+    """The user's preset (checked to fit), or the best one for this machine; says which and why."""
+    from .config import load_config, load_preprocessor_config
+    from .devices import resolve_device
     from .loading import find_checkpoint
-    from .memory import format_bytes
-    from .pipeline import OvisPipeline
+    from .presets import check_fits, choose_preset, detect_machine, get_preset, parse_bytes
 
+    preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
+    vram = parse_bytes(args.vram) if args.vram else None
+    ram = parse_bytes(args.ram) if args.ram else None
     device, notice = resolve_device(args.device)
     if notice:
         print(f"ovis-lite: {notice}", file=sys.stderr)
-    dtype = resolve_dtype(args.dtype, device)
     directory = find_checkpoint(args.model)
-    pipe = OvisPipeline.from_pretrained(directory, device=device, dtype=dtype, progress=not args.quiet)
+    config, pp = load_config(directory), load_preprocessor_config(directory)
+    machine = detect_machine(device, vram, ram)
+    if preset is None:
+        preset, why = choose_preset(machine, config, pp, task, width, height)
+        _say(args, f"ovis-lite: {why}")
+    else:
+        check_fits(preset, config, pp, task, width, height, machine)
+    return preset, device, directory, machine
+
+
+def _load_pipeline(args: argparse.Namespace, task: str, width: int = 1024, height: int = 1024):
+    from .devices import resolve_dtype
+    from .memory import format_bytes
+    from .pipeline import OvisPipeline
+    from .presets import effective_budget
+
+    preset, device, directory, machine = _select_preset(args, task, width, height)
+    dtype = resolve_dtype(args.dtype, device) if args.dtype != "auto" else None
+    pipe = OvisPipeline.from_pretrained(directory, device=device, dtype=dtype, preset=preset,
+                                        budget_bytes=effective_budget(preset, machine), progress=not args.quiet)
+    pipe.notify = lambda message: print(f"ovis-lite: {message}", file=sys.stderr)
     rep = pipe.load_report
     if rep is not None:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in rep.component_bytes.items())
-        _say(args, f"ovis-lite: loaded {rep.path} on {device} in {rep.seconds:.1f} s: {parts}; "
+        where = f"{device}" + (f", paging within {format_bytes(pipe.offload.budget_bytes)}" if pipe.offload else "")
+        _say(args, f"ovis-lite: loaded {rep.path} ({preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                    f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
-    return pipe
+    return pipe, preset
+
+
+def _sampling(args: argparse.Namespace, preset) -> dict:
+    """The user's sampling options, falling back to the preset's."""
+    interval = tuple(args.cfg_interval) if args.cfg_interval else preset.cfg_interval
+    return dict(steps=args.steps or preset.steps, solver=args.solver or preset.solver,
+                spacing=args.spacing or preset.spacing, cfg_interval=interval)
 
 
 def _summary(args: argparse.Namespace, stats: Any, output: str | None) -> None:
@@ -152,7 +214,8 @@ def _result_json(stats: Any, output: str | None, **extra: Any) -> str:
 
 def _check_image_args(args: argparse.Namespace) -> None:
     """Every numeric argument, checked before torch is even imported."""
-    check_positive_int("--steps", args.steps, 1, 1000)
+    if args.steps is not None:
+        check_positive_int("--steps", args.steps, 1, 1000)
     check_cfg("--txt-cfg", args.txt_cfg)
     if hasattr(args, "img_cfg"):
         check_cfg("--img-cfg", args.img_cfg)
@@ -166,15 +229,15 @@ def _check_image_args(args: argparse.Namespace) -> None:
 def _check_solver_args(args: argparse.Namespace) -> None:
     from .sampling import SOLVERS, SPACINGS
 
-    if args.solver not in SOLVERS:
+    if args.solver is not None and args.solver not in SOLVERS:
         raise InputError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
-    if args.spacing not in SPACINGS:
+    if args.spacing is not None and args.spacing not in SPACINGS:
         raise InputError(f"unknown spacing {args.spacing!r}; choose one of {', '.join(SPACINGS)}")
 
 
-def _metadata(pipe: Any, stats: Any, task: str) -> dict[str, Any]:
+def _metadata(pipe: Any, stats: Any, task: str, preset: Any) -> dict[str, Any]:
     return {"task": task, "model": pipe.model_id, "width": stats.width, "height": stats.height,
-            "nfe": stats.nfe, "preset": None, **stats.settings}
+            "nfe": stats.nfe, "preset": preset.name, "ovis_lite_version": __version__, **stats.settings}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,12 +247,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_output_path(args.output, args.overwrite)
     _check_solver_args(args)
-    pipe = _load_pipeline(args)
-    image = pipe.generate(args.prompt, width=args.width, height=args.height, steps=args.steps, seed=args.seed,
-                          txt_cfg=args.txt_cfg, solver=args.solver, spacing=args.spacing,
-                          cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None)
+    pipe, preset = _load_pipeline(args, "t2i", args.width, args.height)
+    image = pipe.generate(args.prompt, width=args.width, height=args.height, seed=args.seed, txt_cfg=args.txt_cfg,
+                          **_sampling(args, preset))
     stats = pipe.last_run
-    out = save_image(image, args.output, args.overwrite, _metadata(pipe, stats, "t2i"))
+    out = save_image(image, args.output, args.overwrite, _metadata(pipe, stats, "t2i", preset))
     _summary(args, stats, str(out))
     if args.json:
         print(_result_json(stats, str(out)))
@@ -205,12 +267,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     source = load_image(args.image)
     check_output_path(args.output, args.overwrite)
     _check_solver_args(args)
-    pipe = _load_pipeline(args)
-    image = pipe.edit(source, args.instruction, steps=args.steps, seed=args.seed, img_cfg=args.img_cfg,
-                      txt_cfg=args.txt_cfg, solver=args.solver, spacing=args.spacing,
-                      cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None)
+    pipe, preset = _load_pipeline(args, "edit", *source.size)
+    image = pipe.edit(source, args.instruction, seed=args.seed, img_cfg=args.img_cfg, txt_cfg=args.txt_cfg,
+                      **_sampling(args, preset))
     stats = pipe.last_run
-    meta = _metadata(pipe, stats, "edit") | {"source": str(args.image)}
+    meta = _metadata(pipe, stats, "edit", preset) | {"source": str(args.image)}
     out = save_image(image, args.output, args.overwrite, meta)
     _summary(args, stats, str(out))
     if args.json:
@@ -227,7 +288,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .processing import load_image
 
     images = [load_image(p) for p in image_paths]
-    pipe = _load_pipeline(args)
+    w = max((img.size[0] for img in images), default=448)
+    h = max((img.size[1] for img in images), default=448)
+    pipe, _preset = _load_pipeline(args, "understand", w, h)
     pieces = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature, top_p=args.top_p, stream=True, seed=args.seed)
     answer = []
@@ -268,8 +331,104 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         source = args.config
     else:
         source = resources.files("lite").joinpath("data/config.json")
-    result = inspect_config(load_config(Path(str(source))), tensors=args.tensors)
+    config = load_config(Path(str(source)))
+    if args.preset:
+        from .presets import get_preset
+        from .quantization import format_quantized_bytes, quantized_bytes
+
+        preset = get_preset(args.preset)
+        result = quantized_bytes(config, preset.quant, "cuda" if "cuda" in preset.devices else preset.devices[0])
+        if args.tensors:
+            result["tensors"] = inspect_config(config, tensors=True)["tensors"]
+        print(json.dumps(result) if args.json else format_quantized_bytes(result))
+        return 0
+    result = inspect_config(config, tensors=args.tensors)
     print(json.dumps(result) if args.json else format_inspect(result))
+    return 0
+
+
+def _config_source(args: argparse.Namespace) -> Path:
+    from importlib import resources
+
+    from .loading import find_checkpoint
+
+    if getattr(args, "model", None):
+        return find_checkpoint(args.model)
+    if getattr(args, "config", None):
+        return Path(args.config)
+    return Path(str(resources.files("lite").joinpath("data/config.json")))
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import PreprocessorConfig, load_config
+    from .presets import preset_table
+
+    rows = preset_table(load_config(_config_source(args)), PreprocessorConfig(), args.device)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    gib = 1 << 30
+    print(f"{'preset':<10} {'budget':>7} {'sampler':<18} {'NFE t2i/edit':>12} {'understand':>10} {'t2i 1024':>9} "
+          f"{'edit 1024':>9}  description")
+    for r in rows:
+        budget = f"{r['budget_bytes'] / gib:.0f} GiB" if r["budget_bytes"] else "-"
+        peaks = r["planned_peak_bytes"]
+        print(f"{r['name']:<10} {budget:>7} {r['solver'] + '/' + r['spacing'] + ' ' + str(r['steps']):<18} "
+              f"{str(r['nfe']['t2i']) + '/' + str(r['nfe']['edit']):>12} {peaks['understand'] / gib:>9.2f}G "
+              f"{peaks['t2i_1024'] / gib:>8.2f}G {peaks['edit_1024'] / gib:>8.2f}G  {r['description']}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import PreprocessorConfig, load_config, load_preprocessor_config
+    from .presets import PRESETS, Preset, get_preset, parse_bytes, plan_preset, resident_peak
+    from .validation import check_side
+
+    check_side("--width", args.width)
+    check_side("--height", args.height)
+    source = _config_source(args)
+    config = load_config(source)
+    pp = load_preprocessor_config(source) if source.is_dir() else PreprocessorConfig()
+    if args.preset:
+        preset = get_preset(args.preset)
+        budget = preset.budget_bytes
+    else:
+        preset = PRESETS["reference"]
+        budget = parse_bytes(args.budget) if args.budget else None
+        if budget is not None:
+            preset = Preset("custom", "bf16 with a custom budget", quant="reference", budget_bytes=budget)
+    p = plan_preset(preset, config, pp, args.task, args.width, args.height, args.device, budget)
+    resident = budget is None or not preset.offload
+    result = {
+        "task": args.task, "width": args.width, "height": args.height, "preset": preset.name,
+        "budget_bytes": budget, "planned_peak_bytes": resident_peak(p) if resident else p.planned_peak_bytes,
+        "phase_peaks": p.phase_peaks, "activation_bytes": p.activation_bytes,
+        "resident_weight_bytes": p.resident_weight_bytes, "paged_units": p.paged_units,
+        "resident_units": len(p.resident_units), "prefetch_depth": p.prefetch_depth,
+        "min_budget_bytes": p.min_budget_bytes,
+        "nfe": preset.nfe(args.task) if args.task != "understand" else 0,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        gib = 1 << 30
+        print(f"{args.task} {args.width}x{args.height} with {preset.name}: planned peak "
+              f"{result['planned_peak_bytes'] / gib:.2f} GiB of "
+              f"{(budget / gib if budget else float('nan')):.2f} GiB; "
+              f"{len(p.paged_units)} paged unit(s), prefetch {p.prefetch_depth}; NFE {result['nfe']}")
+        for phase, peak in p.phase_peaks.items():
+            print(f"  {phase:<10} {peak / gib:6.2f} GiB (activations {p.activation_bytes[phase] / gib:.2f})")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .presets import get_preset
+    from .quantization import save_quantized_checkpoint
+
+    preset = get_preset(args.preset)
+    manifest = save_quantized_checkpoint(args.model, preset.quant, args.out, device_type=args.device,
+                                         progress=not args.quiet)
+    print(f"ovis-lite: wrote {args.out} ({preset.name}: {manifest.get('policy', preset.quant)})")
     return 0
 
 
@@ -293,7 +452,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo,
-            "make-tiny": cmd_make_tiny, "inspect": cmd_inspect, "info": cmd_info}
+            "make-tiny": cmd_make_tiny, "inspect": cmd_inspect, "info": cmd_info, "presets": cmd_presets,
+            "plan": cmd_plan, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

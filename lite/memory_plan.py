@@ -12,7 +12,6 @@ math-path SDPA, the VAE's full-resolution feature maps).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,6 @@ TASKS = ("understand", "t2i", "edit")
 CFG_PASSES = {"t2i": 2, "edit": 3}
 GENERATION_PROMPT_TOKENS = 64  # the text around an image in a generation condition
 UNDERSTAND_PROMPT_TOKENS = 256
-TensorBytes = Callable[[str, torch.Tensor], int]
 
 
 @dataclass(frozen=True)
@@ -184,25 +182,20 @@ def ovis_units(model: OvisU1, wl: Workload, llm_group: int = 4, yak_group: int =
     return build_units(components(model), unit_specs(wl, llm_group, yak_group))
 
 
-def resize_units(units: list[Unit], model: nn.Module, tensor_bytes: TensorBytes | None) -> list[Unit]:
-    """Re-size units with `tensor_bytes(state_dict_key, tensor)`, e.g. a tensor's size once quantized.
+def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, int] | None) -> list[Unit]:
+    """Re-size units from `module_bytes` (qualified module name -> bytes it owns, e.g. once quantized).
 
     Lets the planner size a quantized layout on a `meta` model, before any weight exists.
     """
-    if tensor_bytes is None:
+    if module_bytes is None:
         return units
     from dataclasses import replace
 
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for u in units:
-        total = 0
-        for slot in u.slots:
-            t = slot.get()
-            if t is not None:
-                prefix = names.get(id(slot.module), "")
-                total += tensor_bytes(f"{prefix}.{slot.name}" if prefix else slot.name, t)
-        out.append(replace(u, nbytes=total))
+        owners = {names.get(id(slot.module), "") for slot in u.slots}
+        out.append(replace(u, nbytes=sum(module_bytes.get(name, 0) for name in owners)))
     return out
 
 

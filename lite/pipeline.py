@@ -122,23 +122,54 @@ class OvisPipeline:
         self.offload_plan: Any = None
         self._offload_key: tuple[Any, ...] | None = None
         self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
+        self.preset: Any = None
         self.notify: Callable[[str], None] = lambda message: None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = "auto", vae_dtype: torch.dtype = torch.float32,
+                        preset: Any = None, budget_bytes: int | None = None,
                         progress: bool = True) -> "OvisPipeline":
-        """Load a checkpoint directory (or the HF cache). The VAE decodes in fp32 like the reference."""
+        """Load a checkpoint directory (or the HF cache, or a pre-quantized checkpoint).
+
+        Without a preset: every weight in `dtype` (bf16 by default), the VAE in fp32 like the reference.
+        With a preset (a name or a `lite.presets.Preset`): its precision policy is applied while the
+        tensors stream in, its VAE tiling is set, and on CUDA/MPS the weights stay on the host and
+        page through the device inside `budget_bytes` (default: the preset's budget).
+        """
         directory = find_checkpoint(path)
         dev, _notice = resolve_device(device)
-        compute = resolve_dtype(dtype, dev)
+        if preset is None:
+            from .quantization import is_quantized_checkpoint, load_quantized_model
 
-        def dtype_for(name: str) -> torch.dtype:
-            return vae_dtype if name.startswith("visual_generator.vae.") else compute
+            if is_quantized_checkpoint(directory):
+                model, report = load_quantized_model(directory, device=dev, progress=progress)
+            else:
+                compute = resolve_dtype(dtype, dev)
 
-        model, report = load_model(directory, device=dev, dtype=dtype_for, progress=progress)
+                def dtype_for(name: str) -> torch.dtype:
+                    return vae_dtype if name.startswith("visual_generator.vae.") else compute
+
+                model, report = load_model(directory, device=dev, dtype=dtype_for, progress=progress)
+            pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory), dev, progress, report)
+            pipe.model_id = str(directory)
+            return pipe
+        from .presets import get_preset
+        from .quantization import load_quantized_model, policy_for
+
+        preset = get_preset(preset) if isinstance(preset, str) else preset
+        budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
+        paging = preset.offload and budget is not None and dev.type in ("cuda", "mps")
+        host = torch.device("cpu") if paging else dev
+        override = None if dtype in (None, "auto") else resolve_dtype(dtype, dev)
+        model, report = load_quantized_model(directory, policy_for(preset.quant, dev.type), device=host,
+                                             dtype=override, progress=progress)
         pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory), dev, progress, report)
         pipe.model_id = str(directory)
+        pipe.preset = preset
+        pipe.set_vae_tiling(preset.vae_tile)
+        if paging:
+            pipe.enable_offload(budget)
         return pipe
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -236,6 +267,25 @@ class OvisPipeline:
             except torch.OutOfMemoryError:
                 raise InputError(f"out of device memory even with a {smaller / 2**30:.2f} GiB plan; "
                                  f"choose a smaller preset or resolution") from None
+
+    def set_vae_tiling(self, tile: int | None, overlap: float = 0.25) -> None:
+        """Decode and encode in overlapping, blended tiles of `tile` px once an image side exceeds it.
+
+        Uses diffusers' AutoencoderKL tiling. Tiles are normalised on their own (GroupNorm statistics
+        and the mid-block attention are per tile), so tiling trades exactness for a bounded peak:
+        it is off unless a preset or the user asks for it.
+        """
+        if tile is None:
+            self.vae.disable_tiling()
+            self.vae_tile = None
+            return
+        if tile < 64 or tile % 8:
+            raise InputError(f"VAE tile must be a multiple of 8 and >= 64 px, got {tile}")
+        self.vae.enable_tiling()
+        self.vae.tile_sample_min_size = tile
+        self.vae.tile_latent_min_size = tile // 8
+        self.vae.tile_overlap_factor = overlap
+        self.vae_tile = tile
 
     def _device_total_bytes(self) -> int:
         if self.device.type == "cuda":

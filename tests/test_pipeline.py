@@ -234,3 +234,28 @@ def test_cfg_interval_skips_unconditional_passes(pipe):
 def test_bad_input_is_refused(pipe, call, message):
     with pytest.raises(InputError, match=message):
         call(pipe)
+
+
+def test_tiled_vae_decode_is_bounded_and_leaner(pipe):
+    """Tiles of 64 px on a 128 px image: blended seams, a lower activation peak, a stated bound.
+
+    Bound: mean |tiled - untiled| <= 20 of 255 levels (measured: 11.9). Tiles normalise on their own (GroupNorm, mid-block
+    attention), and a random tiny VAE amplifies that far more than a trained one would.
+    """
+    from offload.activations import ActivationLedger
+
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randn(1, 64, 16, generator=gen) * 0.5
+    with ActivationLedger() as untiled_ledger:
+        untiled = np.asarray(pipe.decode(packed, 8, 8)).astype(float)
+    pipe.set_vae_tiling(64)
+    try:
+        with ActivationLedger() as tiled_ledger:
+            tiled = np.asarray(pipe.decode(packed, 8, 8)).astype(float)
+    finally:
+        pipe.set_vae_tiling(None)
+    assert tiled.shape == untiled.shape == (128, 128, 3)
+    assert np.abs(tiled - untiled).mean() <= 20
+    assert tiled_ledger.peak_bytes < untiled_ledger.peak_bytes
+    with pytest.raises(InputError):
+        pipe.set_vae_tiling(60)
