@@ -106,6 +106,7 @@ def build_parser() -> OneLineParser:
     presets = sub.add_parser("presets", help="the presets and their planned peak memory at 1024x1024")
     presets.add_argument("--device", default="cuda", choices=("cuda", "mps", "cpu"),
                          help="plan for this kind of device (default cuda)")
+    presets.add_argument("--config", help="a config.json (default: the real Ovis-U1-3B config)")
     presets.add_argument("--json", action="store_true")
 
     plan = sub.add_parser("plan", help="the offload plan for a task, size and budget; reads no weights")
@@ -451,6 +452,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_LAYER_USER_ERRORS = {"BudgetError", "QuantFormatError", "QuantBackendError"}
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors that describe the user's input or machine (reported in one line), not bugs."""
+    if isinstance(exc, (OvisLiteError, FileExistsError)):
+        return True
+    return type(exc).__name__ in _LAYER_USER_ERRORS and type(exc).__module__.startswith(("offload", "quant"))
+
+
 COMMANDS = {"ask": cmd_ask, "generate": cmd_generate, "edit": cmd_edit, "demo": cmd_demo,
             "make-tiny": cmd_make_tiny, "inspect": cmd_inspect, "info": cmd_info, "presets": cmd_presets,
             "plan": cmd_plan, "quantize": cmd_quantize}
@@ -461,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         return COMMANDS[args.command](args)
-    except (OvisLiteError, FileExistsError) as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"ovis-lite: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -65,9 +65,9 @@ class Workload:
 
 
 def _attention_scores(heads: int, q: int, k: int, nbytes: int, device_type: str) -> int:
-    """Math-path SDPA (CPU, MPS) materialises heads x q x k scores (twice: logits and softmax);
-    CUDA's flash / memory-efficient kernels keep it to one tile per block."""
-    if device_type == "cuda":
+    """CUDA's flash / memory-efficient kernels and torch's CPU flash kernel keep one tile per block;
+    MPS may take the math path, which materialises heads x q x k scores (logits and softmax)."""
+    if device_type in ("cuda", "cpu"):
         return heads * q * 64 * nbytes
     return 2 * heads * q * k * nbytes
 
@@ -116,7 +116,8 @@ def denoise_activation(cfg: OvisU1Config, wl: Workload) -> int:
     target = (w // 16) * (h // 16)
     tokens = target * (2 if wl.task == "edit" else 1) + GENERATION_PROMPT_TOKENS + 300
     widest = tokens * (3 * y.hidden_size + y.mlp_hidden) + tokens * (y.hidden_size + y.mlp_hidden)
-    per_pass = (widest + 4 * tokens * y.hidden_size) * b
+    # x1.5: measured 93.5 MB for a full-size bf16 pass over 1324 tokens on CPU (scripts/bench_memory.py)
+    per_pass = (widest + 4 * tokens * y.hidden_size) * b * 3 // 2
     per_pass += _attention_scores(y.num_heads, tokens, tokens, b, wl.device_type)
     rope = tokens * (y.head_dim // 2) * 4 * 4
     conditions = CFG_PASSES[wl.task] * (tokens * y.hidden_size * b + rope)
@@ -129,7 +130,9 @@ def _vae_side_activation(cfg: OvisU1Config, w: int, h: int, wl: Workload) -> int
     b = wl.vae_dtype_bytes
     if wl.vae_tile is not None and max(w, h) > wl.vae_tile:
         w = h = wl.vae_tile
-    full = 3 * channels[0] * w * h * b  # the last up block: input, GroupNorm output, conv output
+    # Six full-resolution maps of the last up block are alive at once: measured 805 MB for an fp32
+    # decode at 512x512 (6 x 128 channels x 4 B per pixel; scripts/bench_memory.py).
+    full = 6 * channels[0] * w * h * b
     mid = (w // 8) * (h // 8)
     attn = _attention_scores(1, mid, mid, b, wl.device_type) + 4 * channels[-1] * mid * b
     return max(full, attn) + 3 * w * h * 4

@@ -47,7 +47,7 @@ from .processing import (
     vae_pixels,
     white_canvas,
 )
-from .sampling import SOLVERS, SPACINGS, nfe as solver_nfe, reference_schedule, sample, time_shift_mu
+from .sampling import SOLVERS, SPACINGS, reference_schedule, sample, time_shift_mu
 from .tokenizer import load_tokenizer
 from .validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
 
@@ -569,14 +569,9 @@ class OvisPipeline:
                     cfg_interval: tuple[float, float] | None = None, pixels: int = 1024 * 1024) -> int:
         """MMDiT evaluations per image: the conditional pass at every evaluation, the others only
         where guidance is active (the evaluation times are those the solver visits)."""
-        passes = {"t2i": 2, "edit": 3}[task]
-        evaluations = solver_nfe(solver, steps)
-        if cfg_interval is None:
-            return passes * evaluations
-        ts = self.timesteps(steps, max(pixels // 256, 1), spacing)[:-1]
-        guided = sum(1 for t in ts if cfg_interval[0] <= t <= cfg_interval[1])
-        guided = round(guided * evaluations / max(len(ts), 1))
-        return evaluations + (passes - 1) * guided
+        from .presets import guided_nfe
+
+        return guided_nfe(task, solver, spacing, steps, cfg_interval, max(pixels // 256, 1))
 
     def memory_summary(self) -> str:
         return f"host RssAnon {rss_anon_bytes() / 2**30:.2f} GiB"

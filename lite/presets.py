@@ -34,31 +34,51 @@ class Preset:
     devices: tuple[str, ...] = ("cuda", "mps", "cpu")
     offload: bool = True  # page through the device (False on unified memory and CPU)
 
-    def nfe(self, task: str) -> int:
-        from .sampling import nfe
+    def nfe(self, task: str, tokens: int = 4096) -> int:
+        """MMDiT evaluations per image at `tokens` target tokens (4096 = 1024x1024)."""
+        return guided_nfe(task, self.solver, self.spacing, self.steps, self.cfg_interval, tokens)
 
-        return CFG_PASSES[task] * nfe(self.solver, self.steps)
+
+def guided_nfe(task: str, solver: str, spacing: str, steps: int, interval: tuple[float, float] | None,
+               tokens: int = 4096) -> int:
+    """The conditional pass at every evaluation; the other CFG passes only where guidance is on."""
+    from .sampling import make_timesteps, nfe, reference_schedule, time_shift_mu
+
+    evaluations = nfe(solver, steps)
+    passes = CFG_PASSES[task]
+    if interval is None:
+        return passes * evaluations
+    if spacing == "linear":
+        ts = reference_schedule(steps, tokens)
+    else:
+        ts = list(make_timesteps(steps, spacing, time_shift_mu(tokens)))
+    visited = ts[:-1]
+    guided = sum(1 for t in visited if interval[0] <= t <= interval[1])
+    return evaluations + (passes - 1) * round(guided * evaluations / len(visited))
 
 
-FAST = dict(solver="unipc", spacing="linear", steps=12)
+# Few-step settings measured in docs/sampling.md (analytic and tiny-model benchmarks).
+FAST = dict(solver="unipc", spacing="karras", steps=15, cfg_interval=(0.1, 1.0))
+LEAN = dict(solver="unipc", spacing="karras", steps=12, cfg_interval=(0.1, 1.0))
+CPU_FAST = dict(solver="unipc", spacing="linear", steps=8)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("reference", "bf16 everywhere, 50 Euler steps, all on the device: the reference's exact semantics",
            quant="reference", budget_bytes=None, offload=False),
     Preset("quality", "bf16 weights and reference sampling; components leave the device between phases (12 GB)",
            quant="quality", budget_bytes=12 * GiB),
-    Preset("balanced", "for 8 GB GPUs: 4-bit LLM, 8-bit ViT/head/VTE/Yak, 12-step UniPC",
+    Preset("balanced", "for 8 GB GPUs: 4-bit LLM, 8-bit ViT/head/VTE/Yak, 15-step UniPC, CFG for t >= 0.1",
            quant="balanced", budget_bytes=8 * GiB, vae_tile=1024, **FAST),
-    Preset("low", "for 6 GB GPUs: as balanced, with a 6 GB plan and VAE tiling from 768 px",
-           quant="low", budget_bytes=6 * GiB, vae_tile=768, **FAST),
-    Preset("tiny", "for 4 GB GPUs or less: blocks page through the device, VAE tiles of 512 px",
-           quant="tiny", budget_bytes=4 * GiB, vae_tile=512, **FAST),
-    Preset("minimal", "for 2 GB: everything pages block by block, 512 px VAE tiles",
-           quant="minimal", budget_bytes=2 * GiB, vae_tile=512, **FAST),
+    Preset("low", "for 6 GB GPUs: as balanced with 8-bit Yak modulation, 12 steps, VAE tiles from 768 px",
+           quant="low", budget_bytes=6 * GiB, vae_tile=768, **LEAN),
+    Preset("tiny", "for 4 GB GPUs: 4-bit Yak too; blocks page when needed, 512 px VAE tiles",
+           quant="tiny", budget_bytes=4 * GiB, vae_tile=512, **LEAN),
+    Preset("minimal", "for 2 GB: 4-bit ViT too; everything pages block by block, 512 px VAE tiles",
+           quant="minimal", budget_bytes=2 * GiB, vae_tile=512, **LEAN),
     Preset("mps", "Apple unified memory: small quanto weights, nothing pointlessly offloaded to the CPU",
            quant="mps", budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), **FAST),
-    Preset("cpu", "plain CPU: weights the CPU runs fastest, 12-step UniPC, no offload",
-           quant="cpu", budget_bytes=None, offload=False, devices=("cpu",), **FAST),
+    Preset("cpu", "plain CPU: only the LLM quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
+           quant="cpu", budget_bytes=None, offload=False, devices=("cpu",), **CPU_FAST),
 )}
 GPU_ORDER = ("reference", "quality", "balanced", "low", "tiny", "minimal")
 

@@ -649,9 +649,26 @@ def _progress(it: Iterator[Any], total: int, enabled: bool) -> Iterator[Any]:
             bar.update(1)
 
 
+def _named_tensors(model: nn.Module, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and persistent buffer, tied ones once, without `state_dict()`
+    (which makes quanto unpack every TinyGemm weight); modules named in `skip` are left out whole."""
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        if mname in skip or any(mname.startswith(q + ".") for q in skip):
+            continue
+        prefix = f"{mname}." if mname else ""
+        items = list(m._parameters.items()) + [(k, b) for k, b in m._buffers.items()
+                                                if k not in m._non_persistent_buffers_set]
+        for leaf, t in items:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield prefix + leaf, t
+
+
 def _finish_model(model: OvisU1, device: torch.device) -> None:
     init_non_persistent_buffers(model, device)
-    leftover = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    leftover = [n for n, t in _named_tensors(model) if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{len(leftover)} tensor(s) were not loaded: {', '.join(leftover[:5])}")
     model.eval().requires_grad_(False)
@@ -752,9 +769,8 @@ def save_quantized_checkpoint(model_dir: str | os.PathLike[str] | None, policy_n
                                  "compute_dtype": dtype_name(model.vte.compute_dtype), "tensors": ["qweight", "scale"]}
     quantized = set(entries) | set(vte_entries)
     unquantized: dict[str, str] = {}
-    for name, t in model.state_dict().items():
-        module_name = name.rpartition(".")[0]
-        if name in TIED_KEYS or any(module_name == q or module_name.startswith(q + ".") for q in quantized):
+    for name, t in _named_tensors(model, quantized):
+        if name in TIED_KEYS:
             continue
         tensors[name] = t.detach()
         unquantized[name] = dtype_name(t.dtype)
@@ -880,7 +896,7 @@ def _load_prequantized(directory: Path, device: torch.device, progress: bool) ->
         model = OvisU1(config)
     shards = _LazyShards(directory, manifest["weight_map"])
     entries: dict[str, dict[str, Any]] = manifest["modules"]
-    state_names = set(model.state_dict())
+    state_names = {n for n, _ in _named_tensors(model)}
     bad = [n for n in manifest["unquantized"] if n not in state_names]
     if bad:
         raise QuantizedCheckpointError(f"{directory}: {MANIFEST_FILE} lists {len(bad)} tensor(s) the model does not "

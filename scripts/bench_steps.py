@@ -519,7 +519,7 @@ def _print_tiny(res: dict[str, object]) -> None:
                     f"{cells[n]['rel_l2']:7.4f}/{cells[n]['nfe']:<3d}" for n in TINY_INTERVAL_STEPS))
         print("\nbest per NFE budget")
         for b, d in t["best_per_budget"].items():
-            print(f"  ≤{b:>3d}  any:   {_fmt_row(d['best_any'])}")
+            print(f"  ≤{int(b):>3d}  any:   {_fmt_row(d['best_any'])}")
             print(f"        full:  {_fmt_row(d['best_full_cfg'])}")
             print(f"        euler: {_fmt_row(d['euler_linear'])}")
         f = t["fast"]
