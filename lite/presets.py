@@ -15,6 +15,7 @@ import torch
 
 from .config import OvisU1Config, PreprocessorConfig
 from .errors import InputError
+from .memory import format_bytes
 from .memory_plan import CFG_PASSES, Workload, activation_bytes, ovis_units, resize_units
 
 GiB = 1 << 30
@@ -308,8 +309,8 @@ def check_fits(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, tas
     if limit is not None and need > limit:
         side = largest_fitting_size(preset, config, pp, task, limit, machine.device_type)
         hint = f"the largest square size that fits is {side}x{side}" if side else "no size fits"
-        raise InputError(f"preset {preset.name} needs {need / GiB:.1f} GiB for {task} {width}x{height} but has "
-                         f"{limit / GiB:.1f} GiB; {hint}, or choose a smaller preset")
+        raise InputError(f"preset {preset.name} needs {format_bytes(need)} for {task} {width}x{height} but has "
+                         f"{format_bytes(limit)}; {hint}, or choose a smaller preset")
     return need
 
 

@@ -114,6 +114,16 @@ def _full_config():
     return parse_config(json.loads(resources.files("lite").joinpath("data/config.json").read_text()))
 
 
+def _shallow(config, llm_layers: int, yak_double: int, yak_single: int):
+    """The full-size config with fewer blocks (every width unchanged)."""
+    import dataclasses
+
+    llm = dict(config.llm, num_hidden_layers=llm_layers, max_window_layers=llm_layers)
+    yak = dataclasses.replace(config.yak, depth=yak_double, depth_single_blocks=yak_single)
+    vision = dataclasses.replace(config.vision, num_hidden_layers=1)
+    return dataclasses.replace(config, llm=llm, yak=yak, vision=vision)
+
+
 @torch.no_grad()
 def bench_bytes() -> dict:
     """quantized_bytes per policy (cpu and cuda), and real quantized blocks vs make_sizeof on meta."""
@@ -133,10 +143,7 @@ def bench_bytes() -> dict:
                 "components": {c: v["bytes"] for c, v in r["components"].items()}}
     # Real layers: a model whose LLM has 1 decoder layer and whose Yak has 1 double + 1 single block,
     # every other size full; quantize it and compare each block with the meta prediction.
-    cfg = copy.deepcopy(config)
-    cfg.llm["num_hidden_layers"] = 1
-    cfg.yak.depth, cfg.yak.depth_single_blocks = 1, 1
-    cfg.vision.num_hidden_layers = 1
+    cfg = _shallow(config, 1, 1, 1)
     for name in ("balanced", "tiny", "minimal"):
         policy = policy_for(name, "cpu")
         meta = meta_model(cfg)
@@ -249,10 +256,7 @@ def _full_width_fidelity(policies: tuple[str, ...], llm_layers: int, yak_double:
     from lite.quantization import policy_for, quantize_model
     from lite.tiny import randomize_
 
-    cfg = copy.deepcopy(_full_config())
-    cfg.llm["num_hidden_layers"] = llm_layers
-    cfg.yak.depth, cfg.yak.depth_single_blocks = yak_double, yak_single
-    cfg.vision.num_hidden_layers = 1
+    cfg = _shallow(_full_config(), llm_layers, yak_double, yak_single)
     t0 = time.perf_counter()
     ref = meta_model(cfg)
     ref.visual_tokenizer.to_empty(device="cpu")

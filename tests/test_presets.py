@@ -101,7 +101,7 @@ def test_unknown_preset_is_a_one_line_cli_error(capsys, tmp_path):
 
 def test_too_large_resolution_is_a_one_line_cli_error(capsys, tmp_path, tiny_dir):
     code = main(["generate", "a cat", "-o", str(tmp_path / "a.png"), "--model", str(tiny_dir), "--preset",
-                 "minimal", "--vram", "2GB", "--width", "4096", "--height", "4096", "--device", "cpu"])
+                 "minimal", "--vram", "40MB", "--width", "4096", "--height", "4096", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "fits" in err, err
 
