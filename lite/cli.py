@@ -373,10 +373,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
           f"{'edit 1024':>9}  description")
     for r in rows:
         budget = f"{r['budget_bytes'] / gib:.0f} GiB" if r["budget_bytes"] else "-"
-        peaks = r["planned_peak_bytes"]
+        peaks = {k: (f"{v / gib:.2f}G" if v is not None else "n/a") for k, v in r["planned_peak_bytes"].items()}
         print(f"{r['name']:<10} {budget:>7} {r['solver'] + '/' + r['spacing'] + ' ' + str(r['steps']):<18} "
-              f"{str(r['nfe']['t2i']) + '/' + str(r['nfe']['edit']):>12} {peaks['understand'] / gib:>9.2f}G "
-              f"{peaks['t2i_1024'] / gib:>8.2f}G {peaks['edit_1024'] / gib:>8.2f}G  {r['description']}")
+              f"{str(r['nfe']['t2i']) + '/' + str(r['nfe']['edit']):>12} {peaks['understand']:>10} "
+              f"{peaks['t2i_1024']:>9} {peaks['edit_1024']:>9}  {r['description']} [{r['planned_for']}]")
     return 0
 
 

@@ -67,15 +67,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("reference", "bf16 everywhere, 50 Euler steps, all on the device: the reference's exact semantics",
            quant="reference", budget_bytes=None, offload=False),
     Preset("quality", "bf16 weights and reference sampling; components leave the device between phases (12 GB)",
-           quant="quality", budget_bytes=12 * GiB),
+           quant="quality", budget_bytes=12 * GiB, devices=("cuda",)),
     Preset("balanced", "for 8 GB GPUs: 4-bit LLM, 8-bit ViT/head/VTE/Yak, 15-step UniPC, CFG for t >= 0.1",
-           quant="balanced", budget_bytes=8 * GiB, vae_tile=1024, **FAST),
+           quant="balanced", budget_bytes=8 * GiB, vae_tile=1024, devices=("cuda",), **FAST),
     Preset("low", "for 6 GB GPUs: as balanced with 8-bit Yak modulation, 12 steps, VAE tiles from 768 px",
-           quant="low", budget_bytes=6 * GiB, vae_tile=768, **LEAN),
+           quant="low", budget_bytes=6 * GiB, vae_tile=768, devices=("cuda",), **LEAN),
     Preset("tiny", "for 4 GB GPUs: 4-bit Yak too; blocks page when needed, 512 px VAE tiles",
-           quant="tiny", budget_bytes=4 * GiB, vae_tile=512, **LEAN),
+           quant="tiny", budget_bytes=4 * GiB, vae_tile=512, devices=("cuda",), **LEAN),
     Preset("minimal", "for 2 GB: 4-bit ViT too; everything pages block by block, 512 px VAE tiles",
-           quant="minimal", budget_bytes=2 * GiB, vae_tile=512, **LEAN),
+           quant="minimal", budget_bytes=2 * GiB, vae_tile=512, devices=("cuda",), **LEAN),
     Preset("mps", "Apple unified memory: small quanto weights, nothing pointlessly offloaded to the CPU",
            quant="mps", budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), **FAST),
     Preset("cpu", "plain CPU: only the LLM quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
@@ -175,6 +175,16 @@ def planned_peak(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, t
         else p.planned_peak_bytes
 
 
+def _peak_or_none(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str,
+                  device_type: str) -> int | None:
+    from offload import BudgetError
+
+    try:
+        return planned_peak(preset, config, pp, task, 1024, 1024, device_type)
+    except BudgetError:
+        return None
+
+
 def preset_table(config: OvisU1Config, pp: PreprocessorConfig, device_type: str = "cuda") -> list[dict[str, Any]]:
     """The rows of `ovis-lite presets --json`."""
     rows = []
@@ -186,11 +196,10 @@ def preset_table(config: OvisU1Config, pp: PreprocessorConfig, device_type: str 
             "cfg_interval": list(preset.cfg_interval) if preset.cfg_interval else None,
             "vae_tile": preset.vae_tile, "offload": preset.offload, "devices": list(preset.devices),
             "nfe": {"t2i": preset.nfe("t2i"), "edit": preset.nfe("edit")},
-            "planned_peak_bytes": {
-                "understand": planned_peak(preset, config, pp, "understand", 1024, 1024, dev),
-                "t2i_1024": planned_peak(preset, config, pp, "t2i", 1024, 1024, dev),
-                "edit_1024": planned_peak(preset, config, pp, "edit", 1024, 1024, dev),
-            },
+            "planned_for": dev,
+            "planned_peak_bytes": {key: _peak_or_none(preset, config, pp, task, dev)
+                                   for key, task in (("understand", "understand"), ("t2i_1024", "t2i"),
+                                                     ("edit_1024", "edit"))},
         })
     return rows
 

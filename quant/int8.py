@@ -27,16 +27,21 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
 
 
+def _check_rows(qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """int8 rows with one scale each: the layout both int8 modules share."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    if scale.shape != (qweight.shape[0],):
+        raise ValueError(f"scale must have shape ({qweight.shape[0]},), got {tuple(scale.shape)}")
+
+
 class Int8Linear(nn.Module):
     """y = (x @ q^T) * scale + bias, q int8 per-row; output in the input's dtype."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2:
-            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-        if scale.shape != (qweight.shape[0],):
-            raise ValueError(f"scale must have shape ({qweight.shape[0]},), got {tuple(scale.shape)}")
+        _check_rows(qweight, scale)
         self.out_features, self.in_features = qweight.shape
         self.compute_dtype = compute_dtype
         # Parameters (not buffers) so a tied head keeps sharing them through module.to(): nn.Module
@@ -79,10 +84,7 @@ class Int8Embedding(nn.Module):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, padding_idx: int | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        if qweight.dtype != torch.int8 or qweight.dim() != 2:
-            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
-        if scale.shape != (qweight.shape[0],):
-            raise ValueError(f"scale must have shape ({qweight.shape[0]},), got {tuple(scale.shape)}")
+        _check_rows(qweight, scale)
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.padding_idx = padding_idx
         self.compute_dtype = compute_dtype

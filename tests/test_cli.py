@@ -40,7 +40,8 @@ def image_file(tmp_path) -> Path:
 
 @pytest.fixture
 def gen_args(tiny_dir):
-    return ["--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32", "--quiet", "--steps", "2"]
+    return ["--model", str(tiny_dir), "--device", "cpu", "--dtype", "fp32", "--preset", "reference", "--quiet",
+            "--steps", "2"]
 
 
 def test_generate_writes_png_with_metadata_and_json(capsys, tmp_path, gen_args):
