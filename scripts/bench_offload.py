@@ -44,6 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload import attach_offload, min_budget_bytes, plan, units_for  # noqa: E402
+from offload.tensors import copy_to  # noqa: E402
 
 
 class Block(nn.Module):
@@ -225,6 +226,8 @@ class _DenoiseLoop:
         """`warmup_passes` conditional passes (the offloader learns its order), then the timed steps."""
         for _ in range(warmup_passes):
             self.velocity(self.x0, self.ts[0], 0)
+        if on_step is not None:
+            on_step(-1)
         x, times = self.x0, []
         for i in range(len(self.ts) - 1):
             _sync(self.device)
@@ -280,6 +283,8 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
     }
     runs: dict[str, dict[str, object]] = out["runs"]  # type: ignore[assignment]
     cuda = device.type == "cuda"
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the memory-fraction API wants an index
     total = torch.cuda.get_device_properties(device).total_memory if cuda else None
 
     # Resident: the weights on the execution device for the whole loop.
@@ -289,13 +294,21 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
     loop = _DenoiseLoop(yak, size, args.ovis_text_tokens, args.ovis_steps, device)
     out.update(image_tokens=loop.image_tokens, text_tokens=loop.text_tokens)
     ref, times = loop.run(args.ovis_warmup)
-    runs["resident"] = {"median_s_per_step": statistics.median(times), "step_s": times}
+    runs["resident"] = {"median_s_per_step": statistics.median(times), "step_s": times,
+                        "loadavg_1min": os.getloadavg()[0]}
     if cuda:
         runs["resident"]["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         yak.to("cpu")
         torch.cuda.empty_cache()
         units = _yak_units(yak)  # same slots; re-sized from the host tensors
     resident_s = statistics.median(times)
+    if not cuda:
+        # What one onload costs at most here: a fresh host copy of every Yak tensor (simulate's copy).
+        t1 = time.perf_counter()
+        copies = [copy_to(t, "cpu") for t in list(yak.parameters()) + list(yak.buffers())]
+        copy_s = time.perf_counter() - t1
+        del copies
+        out["host_copy_GBps"] = weight_bytes / copy_s / 1e9
 
     for label, budget in _timing_budgets(args.ovis_budgets, units, act):
         try:
@@ -310,7 +323,7 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
             "planned_paged_bytes_per_pass": sum(p.unit_bytes[u] for u in p.paged_units),
         }
         runs[label] = row
-        if not p.paged_units:
+        if not p.paged_units and not cuda:
             row["note"] = "everything resident: no paging in the loop, not timed"
             continue
         if cuda:
@@ -321,20 +334,17 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            marks: list[tuple[int, int]] = []
-            loop.yak = yak
+            marks: list[tuple[int, int]] = []  # ledger counters after the warm-up and after each step
             off.ledger.reset_peak()
-            start = (off.ledger.onloads, off.ledger.onloaded_bytes)
 
             def note(_i: int) -> None:
                 marks.append((off.ledger.onloads, off.ledger.onloaded_bytes))
 
             x, times = loop.run(args.ovis_warmup, note)
-            prev = (marks[0] if marks else start)
-            per_step = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])] or \
-                       [(prev[0] - start[0], prev[1] - start[1])]
+            per_step = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
             med = statistics.median(times)
             row.update(median_s_per_step=med, step_s=times, ratio_to_resident=med / resident_s,
+                       loadavg_1min=os.getloadavg()[0],
                        onloads_per_step=statistics.median(n for n, _ in per_step),
                        onloaded_bytes_per_step=statistics.median(b for _, b in per_step),
                        ledger_peak_bytes=off.ledger.peak_bytes, bitwise_equal_to_resident=bool(torch.equal(x, ref)),
@@ -342,6 +352,8 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
             if cuda:
                 row["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
                 row["emulated_card_bytes"] = budget
+            else:
+                row["copy_s_per_step_at_measured_rate"] = row["onloaded_bytes_per_step"] / 1e9 / out["host_copy_GBps"]
         except torch.OutOfMemoryError as exc:
             row["error"] = f"OOM on the emulated {budget / GiB:.2f} GiB card: {str(exc).splitlines()[0]}"
         finally:
@@ -349,6 +361,12 @@ def ovis_timing(args: argparse.Namespace, device: torch.device) -> dict[str, obj
             if cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
                 torch.cuda.empty_cache()
+    if not cuda and args.ovis_resident_after:
+        # Bracket: a second resident run after the paged ones (the machine is shared; load drifts).
+        _, times = loop.run(args.ovis_warmup)
+        runs["resident_after"] = {"median_s_per_step": statistics.median(times), "step_s": times,
+                                  "loadavg_1min": os.getloadavg()[0],
+                                  "ratio_to_resident": statistics.median(times) / resident_s}
     return out
 
 
@@ -378,9 +396,10 @@ def print_ovis(result: dict[str, object]) -> None:
         t = timing  # type: ignore[assignment]
         print(f"\nYak denoise loop on {t['device']}: {t['size']} ({t['image_tokens']} image + {t['text_tokens']} text "
               f"tokens), {t['passes_per_step']} passes/step, {t['steps']} timed steps, threads {t['threads']}; "
-              f"Yak {_gib(t['yak_weight_bytes'])} GiB in {t['n_units']} units")
+              f"Yak {_gib(t['yak_weight_bytes'])} GiB in {t['n_units']} units"
+              + (f"; host copy {t['host_copy_GBps']:.1f} GB/s" if "host_copy_GBps" in t else ""))
         print(f"{'run':10s} {'budget':>6s} {'s/step':>8s} {'x res.':>6s} {'paged':>5s} {'onloads':>7s} "
-              f"{'MiB/step':>8s} {'ledger':>6s} {'plan':>6s}  equal")
+              f"{'MiB/step':>8s} {'copy_s':>6s} {'ledger':>6s} {'plan':>6s} {'load':>5s}  equal")
         for name, r in t["runs"].items():
             if "error" in r:
                 print(f"{name:10s} {_gib(r.get('budget_bytes')):>6s} {r['error']}")
@@ -391,7 +410,9 @@ def print_ovis(result: dict[str, object]) -> None:
             print(f"{name:10s} {_gib(r.get('budget_bytes')):>6s} {r['median_s_per_step']:>8.2f} "
                   f"{r.get('ratio_to_resident', 1.0):>6.3f} {r.get('n_paged_units', 0):>5d} "
                   f"{r.get('onloads_per_step', 0):>7g} {r.get('onloaded_bytes_per_step', 0) / 2**20:>8.0f} "
-                  f"{_gib(r.get('ledger_peak_bytes')):>6s} {_gib(r.get('planned_peak_bytes')):>6s}  "
+                  f"{r.get('copy_s_per_step_at_measured_rate', 0):>6.2f} "
+                  f"{_gib(r.get('ledger_peak_bytes')):>6s} {_gib(r.get('planned_peak_bytes')):>6s} "
+                  f"{r.get('loadavg_1min', 0):>5.2f}  "
                   f"{r.get('bitwise_equal_to_resident', '-')}"
                   + (f"  max_alloc {_gib(r['max_allocated_bytes'])}" if "max_allocated_bytes" in r else ""))
 
@@ -433,7 +454,8 @@ def main() -> None:
     ovis.add_argument("--no-timing", action="store_true", help="skip the Yak denoise-loop timing")
     ovis.add_argument("--ovis-size", type=int, default=0, help="image side for the timing (CPU 128, CUDA 1024)")
     ovis.add_argument("--ovis-text-tokens", type=int, default=64)
-    ovis.add_argument("--ovis-steps", type=int, default=2, help="timed denoise steps (2 passes each)")
+    ovis.add_argument("--ovis-steps", type=int, default=0, help="timed denoise steps, 2 passes each (CPU 2, CUDA 5)")
+    ovis.add_argument("--ovis-resident-after", type=int, default=1, help="CPU: time resident again at the end")
     ovis.add_argument("--ovis-warmup", type=int, default=1, help="untimed passes first (learns the order)")
     ovis.add_argument("--ovis-prefetch", type=int, default=1, help="max prefetch depth of the timing plans")
     ovis.add_argument("--ovis-budgets", default=None,
@@ -443,6 +465,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.ovis:
+        args.ovis_steps = args.ovis_steps or (5 if device.type == "cuda" else 2)
         if args.ovis_budgets is None:
             args.ovis_budgets = "8,4,2,min" if device.type == "cuda" else "min,1,2,3"
         result = run_ovis(args, device)

@@ -195,3 +195,36 @@ def test_demo_runs_all_three_tasks(tmp_path, monkeypatch):
     for task in ("understand", "t2i", "edit"):
         assert task in proc.stdout
     assert (tmp_path / "ovis-lite-demo" / "t2i.png").exists() and (tmp_path / "ovis-lite-demo" / "edit.png").exists()
+
+
+def test_inspect_preset_reports_quantized_bytes(capsys):
+    code, out, _ = run(capsys, "inspect", "--config", str(REAL_CONFIG / "config.json"), "--preset", "balanced",
+                       "--json")
+    result = json.loads(out)
+    assert code == 0 and result["total_bytes"] == sum(c["bytes"] for c in result["components"].values())
+    assert result["components"]["llm"]["bytes"] <= 1.25e9  # 4-bit LLM target
+    assert result["total_bytes"] <= 3.2e9  # the 8 GB policy target
+
+
+def test_quantize_command_writes_a_checkpoint_that_generates(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", str(tiny_dir), "--preset", "low", "--out", str(out),
+                          "--device", "cpu", "--quiet")
+    assert code == 0 and "wrote" in stdout
+    code, _, err = run(capsys, "quantize", "--model", str(tiny_dir), "--preset", "low", "--out", str(out),
+                       "--device", "cpu", "--quiet")
+    assert_one_line_error(code, err, "")  # never overwrites
+    image = tmp_path / "q.png"
+    code, stdout, _ = run(capsys, "generate", "a cat", "-o", str(image), "--model", str(out), "--device", "cpu",
+                          "--width", "32", "--height", "32", "--steps", "2", "--quiet", "--json")
+    assert code == 0 and json.loads(stdout)["nfe"] > 0 and Image.open(image).size == (32, 32)
+
+
+def test_generate_with_a_quantizing_preset(capsys, tmp_path, tiny_dir):
+    out = tmp_path / "low.png"
+    code, stdout, err = run(capsys, "generate", "a cat", "-o", str(out), "--model", str(tiny_dir), "--device", "cpu",
+                            "--preset", "low", "--width", "32", "--height", "32", "--json")
+    result = json.loads(stdout)
+    assert code == 0 and result["nfe"] <= 24, err
+    meta = json.loads(Image.open(out).text["ovis-lite"])
+    assert meta["preset"] == "low" and meta["solver"] == "unipc" and meta["steps"] == 12
