@@ -198,7 +198,7 @@ class VisualTokenizer(nn.Module):
 
     def probabilities(self, merged: torch.Tensor) -> torch.Tensor:
         """softmax(LN(Linear(x))) in fp32, cast back: [M, V-4] (the 4 indicator columns are zero)."""
-        logits = self.head(merged.to(self.head[0].weight.dtype))
+        logits = self.head(merged)
         return logits.float().softmax(-1).to(logits.dtype)
 
     def embed(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor, vte: "VisualEmbedding",
