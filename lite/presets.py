@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            quant="quality", budget_bytes=12 * GiB, devices=("cuda",)),
     Preset("balanced", "for 8 GB GPUs: 4-bit LLM, 8-bit ViT/head/VTE/Yak, 15-step UniPC, CFG for t >= 0.1",
            quant="balanced", budget_bytes=8 * GiB, vae_tile=1024, devices=("cuda",), **FAST),
-    Preset("low", "for 6 GB GPUs: as balanced with 8-bit Yak modulation, 12 steps, VAE tiles from 768 px",
+    Preset("low", "for 6 GB GPUs: the balanced formats, 12 steps, a 6 GB plan, VAE tiles from 768 px",
            quant="low", budget_bytes=6 * GiB, vae_tile=768, devices=("cuda",), **LEAN),
     Preset("tiny", "for 4 GB GPUs: 4-bit Yak too; blocks page when needed, 512 px VAE tiles",
            quant="tiny", budget_bytes=4 * GiB, vae_tile=512, devices=("cuda",), **LEAN),
@@ -78,7 +78,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            quant="minimal", budget_bytes=2 * GiB, vae_tile=512, devices=("cuda",), **LEAN),
     Preset("mps", "Apple unified memory: small quanto weights, nothing pointlessly offloaded to the CPU",
            quant="mps", budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), **FAST),
-    Preset("cpu", "plain CPU: only the LLM quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
+    Preset("cpu", "plain CPU: only the LLM layers quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
            quant="cpu", budget_bytes=None, offload=False, devices=("cpu",), **CPU_FAST),
 )}
 GPU_ORDER = ("reference", "quality", "balanced", "low", "tiny", "minimal")
