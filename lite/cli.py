@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -468,6 +469,8 @@ COMMANDS = {"ask": cmd_ask, "generate": cmd_generate, "edit": cmd_edit, "demo": 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch initialises CUDA: paging units through the device fragments the default allocator.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:

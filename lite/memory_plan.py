@@ -145,10 +145,21 @@ def decode_activation(cfg: OvisU1Config, wl: Workload) -> int:
     return _vae_side_activation(cfg, w, h, wl)
 
 
+# On CUDA, measured peaks (scripts/gpu_checks.sh, H100, full size, 1024^2) ran above the CPU-calibrated
+# estimates: the caching allocator, cuBLAS/cuDNN workspaces and the VAE's conv intermediates add about
+# 0.4 GiB per phase, and the fp32 VAE decode about 1.6x its CPU peak.
+CUDA_OVERHEAD_BYTES = 384 << 20
+CUDA_VAE_FACTOR = 1.6
+
+
 def activation_bytes(cfg: OvisU1Config, pp: PreprocessorConfig, wl: Workload) -> dict[str, int]:
     """Estimated activation peak per phase (bytes). The edit's VAE encode runs in `decode` units."""
-    return {"conditions": conditions_activation(cfg, pp, wl), "denoise": denoise_activation(cfg, wl),
-            "decode": decode_activation(cfg, wl)}
+    act = {"conditions": conditions_activation(cfg, pp, wl), "denoise": denoise_activation(cfg, wl),
+           "decode": decode_activation(cfg, wl)}
+    if wl.device_type == "cuda":
+        act["decode"] = int(act["decode"] * CUDA_VAE_FACTOR)
+        act = {phase: (v + CUDA_OVERHEAD_BYTES if v or phase == "conditions" else 0) for phase, v in act.items()}
+    return act
 
 
 def components(model: OvisU1) -> dict[str, nn.Module]:

@@ -198,6 +198,14 @@ class OvisPipeline:
         """
         self.disable_offload()
         self.offload = OffloadSettings(int(budget_bytes), prefetch_depth, simulate)
+        if self.device.type == "cuda":
+            # Paging frees and reallocates units of different sizes every pass; with the default
+            # caching allocator that fragmentation (64-140 MiB, measured on an H100) overflowed
+            # 1-2 GB cards. Expandable segments remove it (docs/offload.md).
+            try:
+                torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+            except (AttributeError, RuntimeError):
+                pass
 
     def disable_offload(self) -> None:
         if self.offloader is not None:
