@@ -38,6 +38,7 @@ from quant import (Int8Embedding, LayerReport, QuantFormatError, QuantSpec, embe
                    export_quantized, layer_kind, layout_nbytes, quantize_linear_from_weight, quantize_rows_int8,
                    restore_quantized)
 from quant import bnb_backend, quanto_backend
+from quant.apply import LayerTotals
 from quant.serialize import VERSION as QUANT_FORMAT_VERSION
 from quant.spec import QUANT_FORMATS, dtype_from_name, dtype_name, effective_group_size
 
@@ -436,20 +437,12 @@ def _build_layer(p: PlannedLayer, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 @dataclass
-class ModelQuantReport:
+class ModelQuantReport(LayerTotals):
     """What `quantize_model` / the streaming loader replaced, with honest bytes per layer and component."""
 
     policy: str
     layers: list[LayerReport] = field(default_factory=list)
     component_bytes: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.layers)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.layers)
 
     @property
     def total_bytes(self) -> int:

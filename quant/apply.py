@@ -28,12 +28,10 @@ class LayerReport:
     bytes_after: int
 
 
-@dataclass
-class QuantReport:
-    """Per-layer outcome of `quantize`, with honest byte counts (quant_state and inner tensors included)."""
+class LayerTotals:
+    """Byte totals over a report's `layers` (shared by every report that lists quantized layers)."""
 
-    spec: QuantSpec
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[LayerReport]
 
     @property
     def bytes_before(self) -> int:
@@ -42,6 +40,14 @@ class QuantReport:
     @property
     def bytes_after(self) -> int:
         return sum(r.bytes_after for r in self.layers)
+
+
+@dataclass
+class QuantReport(LayerTotals):
+    """Per-layer outcome of `quantize`, with honest byte counts (quant_state and inner tensors included)."""
+
+    spec: QuantSpec
+    layers: list[LayerReport] = field(default_factory=list)
 
     @property
     def fallbacks(self) -> list[LayerReport]:
