@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from .config import OvisU1Config, load_config
+from .config import load_config
 from .errors import CheckpointError
 from .memory import rss_anon_bytes, trim_host_heap
 from .modeling_ovis_u1 import TIED_KEYS, OvisU1, component_of
@@ -236,7 +236,3 @@ def load_model(
     trim_host_heap()
     report.rss_anon_after = rss_anon_bytes()
     return model, report
-
-
-def load_config_from(path: str | os.PathLike[str] | None) -> OvisU1Config:
-    return load_config(find_checkpoint(path))

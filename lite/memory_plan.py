@@ -11,11 +11,8 @@ math-path SDPA, the VAE's full-resolution feature maps).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import nn
 
 from offload import UnitSpec, build_units
@@ -211,15 +208,3 @@ def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, in
         owners = {names.get(id(slot.module), "") for slot in u.slots}
         out.append(replace(u, nbytes=sum(module_bytes.get(name, 0) for name in owners)))
     return out
-
-
-def total_weight_bytes(units: list[Unit]) -> int:
-    return sum(u.nbytes for u in units)
-
-
-def describe_budget(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def gib(n: float) -> int:
-    return int(math.ceil(n * 2**30))

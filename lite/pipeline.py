@@ -26,7 +26,7 @@ from .config import PreprocessorConfig, load_preprocessor_config
 from .errors import InputError
 from .devices import dtype_name, resolve_device, resolve_dtype
 from .loading import LoadReport, find_checkpoint, load_model
-from .memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, rss_anon_bytes
+from .memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from .modeling_ovis_u1 import OvisU1
 from .modeling_yak import RefinedText
 from .processing import (
@@ -580,6 +580,3 @@ class OvisPipeline:
         from .presets import guided_nfe
 
         return guided_nfe(task, solver, spacing, steps, cfg_interval, max(pixels // 256, 1))
-
-    def memory_summary(self) -> str:
-        return f"host RssAnon {rss_anon_bytes() / 2**30:.2f} GiB"

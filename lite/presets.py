@@ -8,7 +8,7 @@ and VAE tiling. Planned peaks are computed on a `meta` model: no weight is read.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -337,7 +337,3 @@ def largest_fitting_size(preset: Preset, config: OvisU1Config, pp: PreprocessorC
             break
         best = side
     return best
-
-
-def preset_dict(preset: Preset) -> dict[str, Any]:
-    return asdict(preset)

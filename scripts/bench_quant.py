@@ -127,7 +127,6 @@ def _shallow(config, llm_layers: int, yak_double: int, yak_single: int):
 @torch.no_grad()
 def bench_bytes() -> dict:
     """quantized_bytes per policy (cpu and cuda), and real quantized blocks vs make_sizeof on meta."""
-    import copy
 
     from lite.inspect import meta_model
     from lite.quantization import make_sizeof, policy_for, quantize_model, quantized_bytes

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from lite.config import load_config, parse_config
+from lite.config import parse_config
 from lite.errors import CheckpointError, OutputError
 from lite.latents import image_ids
 from lite.loading import load_model
