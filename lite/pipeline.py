@@ -318,7 +318,7 @@ class OvisPipeline:
         embeds = self.model.merge_multimodal(ids, visual)
         return truncate_left(embeds, self.model.config.multimodal_max_length)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def condition(self, content: str, image: Image.Image) -> Condition:
         """ViT + LLM condition for one (content, image) pair, refined once for all steps."""
         txt = self.model.condition(self._llm_inputs(generation_prompt(content), [image], generation=True))
@@ -347,7 +347,7 @@ class OvisPipeline:
         self._prepare_offload(self.workload("understand", w, h, max_new_tokens=max_new_tokens,
                                             num_images=max(len(imgs), 1)))
         self._phase("conditions")
-        with torch.inference_mode():
+        with torch.no_grad():
             embeds = self._llm_inputs(understanding_prompt(question, len(imgs), history), imgs, generation=False)
         kwargs: dict[str, Any] = dict(
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
@@ -361,7 +361,7 @@ class OvisPipeline:
         stats = RunStats(task="understand", settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample})
         if stream:
             return self._stream(kwargs, stats, start)
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model.llm.generate(**kwargs)
         self._finish(stats, start)
         return self.tokenizer.decode(out[0], skip_special_tokens=True)
@@ -374,7 +374,7 @@ class OvisPipeline:
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with torch.no_grad():
                     self.model.llm.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 error.append(exc)
@@ -486,7 +486,7 @@ class OvisPipeline:
         stats.phases["conditions"] = time.perf_counter() - t0
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_image(self, image: Image.Image, mode: str = "mean", seed: int = 42) -> torch.Tensor:
         """Packed, scaled VAE latent of an image already at the output size."""
         self._phase("decode")
@@ -513,7 +513,7 @@ class OvisPipeline:
         stats.phases["decode"] = time.perf_counter() - t0
         return image
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def denoise(self, x: torch.Tensor, rows: int, cols: int, conditions: dict[str, Condition], guidance: Guidance,
                 timesteps: list[float], solver: str = "euler", stats: RunStats | None = None) -> torch.Tensor:
         """Integrate from packed noise to a packed latent with 2-pass (t2i) or 3-pass (edit) CFG."""
@@ -548,7 +548,7 @@ class OvisPipeline:
             stats.nfe = calls
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, packed: torch.Tensor, rows: int, cols: int) -> Image.Image:
         """Unpack, divide by the scaling factor (no shift), VAE-decode, clamp and truncate to uint8."""
         self._phase("decode")
