@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offload import attach_offload, min_budget_bytes, plan, units_for  # noqa: E402
 from offload.tensors import copy_to  # noqa: E402
+from benchtools import sync, time_calls  # noqa: E402
 
 
 class Block(nn.Module):
@@ -68,23 +69,8 @@ class Stack(nn.Module):
         return x
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _time(fn, device: torch.device, repeats: int) -> list[float]:
-    fn()  # warm-up (learns the execution order)
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
+    return time_calls(fn, device, repeats)  # the warm-up call also learns the execution order
 
 
 def _stats(times: list[float]) -> dict[str, float]:
@@ -230,10 +216,10 @@ class _DenoiseLoop:
             on_step(-1)
         x, times = self.x0, []
         for i in range(len(self.ts) - 1):
-            _sync(self.device)
+            sync(self.device)
             t0 = time.perf_counter()
             x = self.step(x, i)
-            _sync(self.device)
+            sync(self.device)
             times.append(time.perf_counter() - t0)
             if on_step is not None:
                 on_step(i)
@@ -523,7 +509,7 @@ def main() -> None:
             off = attach_offload(units, p, device)
             try:
                 out = run()
-                _sync(device)
+                sync(device)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 stats = _stats(_time(run, device, args.repeats))

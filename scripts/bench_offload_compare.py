@@ -60,6 +60,7 @@ from lite.config import YakConfig  # noqa: E402
 from lite.latents import image_ids  # noqa: E402
 from lite.modeling_yak import RefinedText, YakTransformer  # noqa: E402
 from offload import UnitSpec, attach_offload, build_units, min_budget_bytes, plan  # noqa: E402
+from benchtools import sync, time_calls  # noqa: E402
 
 PHASE = "denoise"
 GiB = 1024 ** 3
@@ -416,11 +417,6 @@ def methods_for(device: torch.device, activation: int) -> list[Method]:
 
 
 # --------------------------------------------------------------------------- running
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_method(method: Method, model: YakTransformer, inputs: Inputs, device: torch.device, repeats: int,
                ref: torch.Tensor | None, snap: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
     x = inputs.to(device)
@@ -434,9 +430,9 @@ def run_method(method: Method, model: YakTransformer, inputs: Inputs, device: to
     method.attach(model, device)
     row["attach_s"] = time.perf_counter() - t0
     try:
-        _sync(device)
+        sync(device)
         out = forward()  # warm-up (learns orders), and the output that is checked
-        _sync(device)
+        sync(device)
         out = out.detach().to("cpu")
         if ref is not None:
             row["max_abs_diff"] = float((out.float() - ref.float()).abs().max())
@@ -445,13 +441,7 @@ def run_method(method: Method, model: YakTransformer, inputs: Inputs, device: to
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            forward()
-            _sync(device)
-            times.append(time.perf_counter() - t)
+        times = time_calls(forward, device, repeats, warmup=False)
         row["seconds_per_forward"] = statistics.median(times)
         row["times_s"] = times
         if device.type == "cuda":

@@ -3,14 +3,7 @@
 # 8/4/2 GB cards (torch.cuda.set_per_process_memory_fraction). Results land in $OUT (or ./gpu-results).
 # Wheels missing on the GPU machine (diffusers, optimum-quanto, bitsandbytes) are taken from .whl/ if present.
 set -u
-OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+. scripts/gpu_env.sh
 STEPS=${STEPS:-4}
 CKPT=${CKPT:-/tmp/ovis-full}
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.mem_get_info())" | tee "$OUT/env.txt"
