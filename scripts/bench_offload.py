@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchtools, also when imported by a test
 
 from offload import attach_offload, min_budget_bytes, plan, units_for  # noqa: E402
 from offload.tensors import copy_to  # noqa: E402

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchtools, also when imported by a test
 
 from lite.config import YakConfig  # noqa: E402
 from lite.latents import image_ids  # noqa: E402
