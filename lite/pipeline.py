@@ -115,7 +115,6 @@ class OvisPipeline:
         self.load_report = load_report
         self.phase_listeners: list[PhaseListener] = []
         self.last_run: RunStats | None = None
-        self.refiner_calls = 0
         self.model_id = "AIDC-AI/Ovis-U1-3B"
         self.offload: OffloadSettings | None = None
         self.offloader: Any = None
@@ -325,7 +324,6 @@ class OvisPipeline:
         return Condition(self.refine(txt))
 
     def refine(self, txt: torch.Tensor) -> RefinedText:
-        self.refiner_calls += 1
         return self.model.visual_generator.backbone.refine(txt.to(self.device))
 
     # -- understanding ----------------------------------------------------------------------------
@@ -344,27 +342,36 @@ class OvisPipeline:
         reset_device_peak(self.device)
         w = max((img.size[0] for img in imgs), default=448)
         h = max((img.size[1] for img in imgs), default=448)
-        self._prepare_offload(self.workload("understand", w, h, max_new_tokens=max_new_tokens,
-                                            num_images=max(len(imgs), 1)))
-        self._phase("conditions")
-        with torch.no_grad():
-            embeds = self._llm_inputs(understanding_prompt(question, len(imgs), history), imgs, generation=False)
-        kwargs: dict[str, Any] = dict(
-            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-            max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-            eos_token_id=self.model.config.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-            torch.manual_seed(seed)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
         stats = RunStats(task="understand", settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample})
-        if stream:
-            return self._stream(kwargs, stats, start)
-        with torch.no_grad():
-            out = self.model.llm.generate(**kwargs)
+
+        def generate_kwargs() -> dict[str, Any]:
+            self._phase("conditions")
+            with torch.no_grad():
+                embeds = self._llm_inputs(understanding_prompt(question, len(imgs), history), imgs, generation=False)
+            kwargs: dict[str, Any] = dict(
+                inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
+                eos_token_id=self.model.config.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+                torch.manual_seed(seed)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            return kwargs
+
+        if stream:  # tokens already shown cannot be taken back, so a stream is not retried
+            self._prepare_offload(wl)
+            return self._stream(generate_kwargs(), stats, start)
+
+        def run() -> str:
+            with torch.no_grad():
+                out = self.model.llm.generate(**generate_kwargs())
+            return self.tokenizer.decode(out[0], skip_special_tokens=True)
+
+        answer = self._run_with_retry(wl, run)
         self._finish(stats, start)
-        return self.tokenizer.decode(out[0], skip_special_tokens=True)
+        return answer
 
     def _stream(self, kwargs: dict[str, Any], stats: RunStats, start: float) -> Iterator[str]:
         from transformers import TextIteratorStreamer

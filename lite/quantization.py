@@ -158,6 +158,16 @@ class QuantPolicy:
         name = self.name if self.name.endswith("+custom") else f"{self.name}+custom"
         return replace(self, name=name, specs=specs, vae_dtype=vae_dtype)
 
+    def with_dtype(self, dtype: torch.dtype) -> "QuantPolicy":
+        """A copy computing in `dtype` everywhere: unquantized storage and quantized layers' compute.
+
+        Changing only the storage dtype would mix dtypes inside one attention (an fp32 q next to a
+        bf16 v from a quantized projection). quanto's int4 kernel needs bf16; other int4 layers then
+        take `int4_fallback`.
+        """
+        specs = {k: replace(s, compute_dtype=dtype) for k, s in self.specs.items()}
+        return replace(self, dtype=dtype, specs=specs)
+
     def dtype_for(self, name: str) -> torch.dtype:
         """Storage dtype of an unquantized checkpoint tensor (usable as `load_model(dtype=...)`)."""
         if name.startswith(COMPONENT_ROOTS["vae"] + "."):
@@ -624,7 +634,7 @@ def load_quantized_model(path: str | os.PathLike[str] | None, policy: QuantPolic
         return _load_prequantized(directory, device, progress)
     policy = _as_policy(policy, device.type)
     if dtype is not None:
-        policy = replace(policy, dtype=dtype)
+        policy = policy.with_dtype(dtype)
     config = load_config(directory)
     trim_host_heap()
     report = QuantLoadReport(path=directory, rss_anon_before=rss_anon_bytes(), policy=policy.name)

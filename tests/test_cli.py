@@ -228,3 +228,13 @@ def test_generate_with_a_quantizing_preset(capsys, tmp_path, tiny_dir):
     assert code == 0 and result["nfe"] <= 24, err
     meta = json.loads(Image.open(out).text["ovis-lite"])
     assert meta["preset"] == "low" and meta["solver"] == "unipc" and meta["steps"] == 12
+
+
+def test_dtype_override_with_a_quantizing_preset(capsys, tmp_path, tiny_dir):
+    """--dtype fp32 must reach the quantized layers too, or attention mixes fp32 and bf16."""
+    out = tmp_path / "fp32.png"
+    code, stdout, err = run(capsys, "generate", "a cat", "-o", str(out), "--model", str(tiny_dir), "--device", "cpu",
+                            "--preset", "cpu", "--dtype", "fp32", "--width", "32", "--height", "32", "--steps", "2",
+                            "--quiet", "--json")
+    assert code == 0, err
+    assert Image.open(out).size == (32, 32)
