@@ -321,19 +321,10 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from importlib import resources
-
     from .config import load_config
     from .inspect import format_inspect, inspect_config
-    from .loading import find_checkpoint
 
-    if args.model:
-        source: Any = find_checkpoint(args.model)
-    elif args.config:
-        source = args.config
-    else:
-        source = resources.files("lite").joinpath("data/config.json")
-    config = load_config(Path(str(source)))
+    config = load_config(_config_source(args))
     if args.preset:
         from .presets import get_preset
         from .quantization import format_quantized_bytes, quantized_bytes

@@ -208,3 +208,22 @@ def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, in
         owners = {names.get(id(slot.module), "") for slot in u.slots}
         out.append(replace(u, nbytes=sum(module_bytes.get(name, 0) for name in owners)))
     return out
+
+
+def plan_units(model: OvisU1, wl: Workload, act: dict[str, int], budget: int, prefetch_depth: int = 1,
+               module_bytes: dict[str, int] | None = None) -> tuple[list[Unit], Any]:
+    """Units and the offload plan for `budget`, trying LLM groups of 4, 2, then 1 layers.
+
+    Bigger groups mean fewer transfers; smaller ones fit tighter budgets. When none fits, the
+    BudgetError with the smallest minimum is raised, so the message names the best that could work.
+    """
+    from offload import BudgetError, plan
+
+    error: BudgetError | None = None
+    for llm_group in (4, 2, 1):
+        units = resize_units(ovis_units(model, wl, llm_group=llm_group), model, module_bytes)
+        try:
+            return units, plan(budget, units, act, max_prefetch_depth=prefetch_depth)
+        except BudgetError as exc:
+            error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
+    raise error  # type: ignore[misc]

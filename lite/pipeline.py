@@ -222,20 +222,11 @@ class OvisPipeline:
 
     def plan_for(self, wl: Any, budget_bytes: int | None = None) -> Any:
         """The offload plan for a workload on this model (sizes are the real, possibly quantized, bytes)."""
-        from offload import BudgetError, plan
-
-        from .memory_plan import activation_bytes, ovis_units
+        from .memory_plan import activation_bytes, plan_units
 
         budget = budget_bytes if budget_bytes is not None else self.offload.budget_bytes
         act = activation_bytes(self.model.config, self.pp, wl)
-        error: BudgetError | None = None
-        for llm_group in (4, 2, 1):
-            try:
-                units = ovis_units(self.model, wl, llm_group=llm_group)
-                return units, plan(budget, units, act, max_prefetch_depth=self.offload.prefetch_depth)
-            except BudgetError as exc:
-                error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
-        raise error  # type: ignore[misc]
+        return plan_units(self.model, wl, act, budget, self.offload.prefetch_depth)
 
     def _prepare_offload(self, wl: Any) -> None:
         if self.offload is None:

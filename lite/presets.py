@@ -16,7 +16,7 @@ import torch
 from .config import OvisU1Config, PreprocessorConfig
 from .errors import InputError
 from .memory import format_bytes
-from .memory_plan import CFG_PASSES, Workload, activation_bytes, ovis_units, resize_units
+from .memory_plan import CFG_PASSES, Workload, activation_bytes, ovis_units, plan_units, resize_units
 
 GiB = 1 << 30
 
@@ -122,28 +122,29 @@ def _meta_model(config: OvisU1Config) -> Any:
 
 def preset_workload(preset: Preset, task: str, width: int, height: int, device_type: str,
                     max_new_tokens: int = 1024) -> Workload:
+    from .quantization import policy_for
+
     nfe = preset.nfe(task) if task != "understand" else None
+    vae_dtype = policy_for(preset.quant, device_type).vae_dtype
     return Workload(task, width=width, height=height, steps=preset.steps, nfe=nfe, device_type=device_type,
                     max_new_tokens=max_new_tokens, vae_tile=preset.vae_tile,
-                    vae_dtype_bytes=4 if preset.name in ("reference", "quality") else 2)
+                    vae_dtype_bytes=torch.finfo(vae_dtype).bits // 8)
 
 
 def module_bytes_for(preset: Preset, model: Any, device_type: str) -> dict[str, int]:
     """Qualified module name -> bytes it owns once the preset's precision policy is applied."""
-    from .quantization import _leaf_bytes, policy_for
+    from .quantization import module_bytes, policy_for
 
     key = (id(model), preset.quant, device_type)
     if key not in _MODULE_BYTES:
-        leaves = _leaf_bytes(model, policy_for(preset.quant, device_type))
-        _MODULE_BYTES[key] = {name: e["packed"] + e["scales"] + e["zeros"] + e["unquantized"]
-                              for name, e in leaves.items()}
+        _MODULE_BYTES[key] = module_bytes(model, policy_for(preset.quant, device_type))
     return _MODULE_BYTES[key]
 
 
 def plan_preset(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
                 height: int = 1024, device_type: str = "cuda", budget_bytes: int | None = None) -> Any:
     """The offload plan (or the all-resident footprint) of `preset` for one task and size."""
-    from offload import BudgetError, plan
+    from offload import plan
 
     model = _meta_model(config)
     wl = preset_workload(preset, task, width, height, device_type)
@@ -153,14 +154,7 @@ def plan_preset(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, ta
     if budget is None or not preset.offload:
         units = resize_units(ovis_units(model, wl), model, sizer)
         return plan(10**15, units, act, max_prefetch_depth=0)
-    error: BudgetError | None = None
-    for group in (4, 2, 1):
-        units = resize_units(ovis_units(model, wl, llm_group=group), model, sizer)
-        try:
-            return plan(budget, units, act, max_prefetch_depth=1)
-        except BudgetError as exc:
-            error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
-    raise error  # type: ignore[misc]
+    return plan_units(model, wl, act, budget, 1, sizer)[1]
 
 
 def resident_peak(p: Any) -> int:

@@ -1065,6 +1065,12 @@ def quantized_bytes(config: OvisU1Config, policy: QuantPolicy | str, device_type
             "total_bytes": sum(c["bytes"] for c in comps.values())}
 
 
+def module_bytes(model: OvisU1, policy: QuantPolicy | str) -> dict[str, int]:
+    """Qualified module name -> bytes it owns under `policy` (works on a meta model)."""
+    return {name: e["packed"] + e["scales"] + e["zeros"] + e["unquantized"]
+            for name, e in _leaf_bytes(model, _as_policy(policy, "cpu")).items()}
+
+
 def make_sizeof(model: OvisU1, policy: QuantPolicy | str) -> Callable[[nn.Module], int]:
     """`sizeof(submodule) -> bytes` it occupies under `policy` (for the offload planner).
 

@@ -113,8 +113,10 @@ def test_parse_bytes(text, expected):
 
 
 def test_plan_command_json(capsys):
-    assert main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--task", "edit", "--budget", "3GB",
-                 "--json"]) == 0
+    # bf16 weights with the reference's fp32, untiled VAE: a 512x512 edit pages to fit 3 GB
+    # (at 1024x1024 its decode alone needs more than 3 GB, see test_plan_refuses_an_impossible_budget).
+    assert main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--task", "edit", "--width", "512",
+                 "--height", "512", "--budget", "3GB", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("budget_bytes", "planned_peak_bytes", "resident_weight_bytes", "paged_units", "nfe"):
         assert key in result
