@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .pipeline import OvisPipeline
+    from lite.runtime.pipeline import OvisPipeline
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import lite` must stay cheap (the CLI parses arguments before torch is imported).
     if name == "OvisPipeline":
-        from .pipeline import OvisPipeline
+        from lite.runtime.pipeline import OvisPipeline
 
         return OvisPipeline
     raise AttributeError(name)

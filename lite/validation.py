@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InputError
+from lite.errors import InputError
 
 MIN_SIDE, MAX_SIDE = 16, 4096
 

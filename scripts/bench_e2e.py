@@ -35,8 +35,8 @@ def main() -> None:
     from PIL import Image
 
     from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak, rss_anon_bytes
-    from lite.pipeline import OvisPipeline
-    from lite.presets import get_preset
+    from lite.runtime.pipeline import OvisPipeline
+    from lite.runtime.presets import get_preset
 
     preset = get_preset(args.preset)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 
 
 def _condition_parts(pipe, prompt: str, width: int, height: int):
-    from lite.processing import T2I_PREFIX, generation_prompt, white_canvas
+    from lite.model.processing import T2I_PREFIX, generation_prompt, white_canvas
 
     with torch.no_grad():
         embeds = pipe._llm_inputs(generation_prompt(T2I_PREFIX + prompt), [white_canvas(width, height)], True)
@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from lite import latents
-    from lite.pipeline import OvisPipeline
+    from lite.runtime.pipeline import OvisPipeline
 
     prompt, w, h = "a red fox in the snow", args.size, args.size
     results: dict = {"preset": args.preset, "size": args.size, "steps": args.steps}

@@ -34,7 +34,7 @@ def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, 
 def bench_llm(cfg, device: torch.device, fmt: str, prompt: int, new: int, repeats: int) -> dict:
     from transformers import Qwen3ForCausalLM
 
-    from lite.quantization import policy_for
+    from lite.model.quantization import policy_for
     from quant import quantize
 
     with torch.device("meta"):
@@ -58,8 +58,8 @@ def bench_llm(cfg, device: torch.device, fmt: str, prompt: int, new: int, repeat
 
 def bench_yak(cfg, device: torch.device, fmt: str, side: int, text: int, repeats: int) -> dict:
     from lite import latents
-    from lite.modeling_yak import RefinedText, YakTransformer
-    from lite.quantization import policy_for
+    from lite.model.modeling_yak import RefinedText, YakTransformer
+    from lite.model.quantization import policy_for
     from quant import quantize
 
     with torch.device("meta"):
@@ -93,8 +93,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from lite.config import load_config, parse_config
-    from lite.tiny import real_config_template
+    from lite.model.config import load_config, parse_config
+    from lite.model.tiny import real_config_template
 
     cfg = load_config(args.config) if args.config else parse_config(real_config_template())
     device = torch.device(args.device)

@@ -24,9 +24,9 @@ def write_full_checkpoint(out: Path, generator_fp32: bool, shard_bytes: int = 2 
     """Random bf16 weights (the generator optionally in fp32, as its config hints) in HF shards + index."""
     from importlib import resources
 
-    from lite.config import parse_config
-    from lite.inspect import meta_model
-    from lite.modeling_ovis_u1 import TIED_KEYS
+    from lite.model.config import parse_config
+    from lite.model.sizes import meta_model
+    from lite.model.modeling_ovis_u1 import TIED_KEYS
 
     config_text = resources.files("lite").joinpath("data/config.json").read_text()
     for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
@@ -60,7 +60,7 @@ def write_full_checkpoint(out: Path, generator_fp32: bool, shard_bytes: int = 2 
 
 def _measure(directory: str, dtype: str) -> dict[str, float]:
     """Runs in a fresh process: load, sampling RssAnon all along."""
-    from lite.loading import load_model
+    from lite.model.checkpoint import load_model
     from lite.memory import rss_anon_bytes, trim_host_heap
 
     trim_host_heap()

@@ -28,10 +28,10 @@ def main() -> None:
     from diffusers import AutoencoderKL
 
     from lite import latents
-    from lite.memory_plan import Workload, _vae_side_activation, denoise_activation
-    from lite.modeling_yak import RefinedText, YakTransformer
-    from lite.tiny import real_config_template
-    from lite.config import parse_config
+    from lite.model.memory_profile import Workload, _vae_side_activation, denoise_activation
+    from lite.model.modeling_yak import RefinedText, YakTransformer
+    from lite.model.tiny import real_config_template
+    from lite.model.config import parse_config
     from offload.activations import ActivationLedger
 
     cfg = parse_config(real_config_template())

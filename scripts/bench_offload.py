@@ -10,7 +10,7 @@ paging from pinned memory on a side stream with prefetch depth 0/1/2 against res
 1. Planned peaks, on a `meta` model (no weight is read): for budgets of 8, 6, 4, 3 and 2 GiB, the
    tasks understand / t2i 1024x1024 / edit 1024x1024 and two precision layouts (bf16 = the
    `reference` quant policy with its fp32 untiled VAE and 50 Euler steps; `balanced`), the plan of
-   `lite.presets.plan_preset` with that budget: planned peak (weights + activations), per-phase
+   `lite.runtime.presets.plan_preset` with that budget: planned peak (weights + activations), per-phase
    peaks, resident weight bytes, paged units, prefetch depth, and which Yak units page inside the
    denoise loop. A budget no plan fits records the BudgetError's minimum (and the phase setting it).
 2. CPU (default): a full-size Yak (random bf16 weights) driven like the denoise loop (2 CFG passes
@@ -102,9 +102,9 @@ def ovis_plans(budgets_gib: tuple[float, ...] = OVIS_BUDGETS_GIB, width: int = 1
     """One row per (layout, budget, task): the plan `plan_preset` makes, or the refusal's minimum."""
     import dataclasses
 
-    from lite.config import PreprocessorConfig, parse_config
-    from lite.presets import PRESETS, plan_preset
-    from lite.tiny import real_config_template
+    from lite.model.config import PreprocessorConfig, parse_config
+    from lite.runtime.presets import PRESETS, plan_preset
+    from lite.model.tiny import real_config_template
     from offload import BudgetError
 
     cfg, pp = parse_config(real_config_template()), PreprocessorConfig()
@@ -149,9 +149,9 @@ def build_yak(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> nn.Module:
     """
     import math
 
-    from lite.config import parse_config
-    from lite.modeling_yak import YakTransformer
-    from lite.tiny import real_config_template
+    from lite.model.config import parse_config
+    from lite.model.modeling_yak import YakTransformer
+    from lite.model.tiny import real_config_template
 
     cfg = parse_config(real_config_template()).yak
     with torch.device("meta"):
@@ -181,8 +181,8 @@ class _DenoiseLoop:
 
     def __init__(self, yak: nn.Module, size: int, text_tokens: int, steps: int, device: torch.device,
                  seed: int = 1) -> None:
-        from lite.latents import image_ids
-        from lite.modeling_yak import RefinedText
+        from lite.model.latents import image_ids
+        from lite.model.modeling_yak import RefinedText
 
         self.yak, self.device = yak, device
         cfg = yak.config
@@ -228,9 +228,9 @@ class _DenoiseLoop:
 
 
 def _yak_activation(size: int, device_type: str) -> dict[str, int]:
-    from lite.config import parse_config
-    from lite.memory_plan import Workload, denoise_activation
-    from lite.tiny import real_config_template
+    from lite.model.config import parse_config
+    from lite.model.memory_profile import Workload, denoise_activation
+    from lite.model.tiny import real_config_template
 
     cfg = parse_config(real_config_template())
     return {"denoise": denoise_activation(cfg, Workload("t2i", width=size, height=size, device_type=device_type))}

@@ -57,9 +57,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchtools, also when imported by a test
 
-from lite.config import YakConfig  # noqa: E402
-from lite.latents import image_ids  # noqa: E402
-from lite.modeling_yak import RefinedText, YakTransformer  # noqa: E402
+from lite.model.config import YakConfig  # noqa: E402
+from lite.model.latents import image_ids  # noqa: E402
+from lite.model.modeling_yak import RefinedText, YakTransformer  # noqa: E402
 from offload import UnitSpec, attach_offload, build_units, min_budget_bytes, plan  # noqa: E402
 from benchtools import sync, time_calls  # noqa: E402
 

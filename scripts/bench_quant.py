@@ -109,7 +109,7 @@ POLICIES = ("reference", "balanced", "low", "tiny", "minimal", "mps", "cpu")
 def _full_config():
     from importlib import resources
 
-    from lite.config import parse_config
+    from lite.model.config import parse_config
 
     return parse_config(json.loads(resources.files("lite").joinpath("data/config.json").read_text()))
 
@@ -128,9 +128,9 @@ def _shallow(config, llm_layers: int, yak_double: int, yak_single: int):
 def bench_bytes() -> dict:
     """quantized_bytes per policy (cpu and cuda), and real quantized blocks vs make_sizeof on meta."""
 
-    from lite.inspect import meta_model
-    from lite.quantization import make_sizeof, policy_for, quantize_model, quantized_bytes
-    from lite.tiny import randomize_
+    from lite.model.sizes import meta_model
+    from lite.model.quantization import make_sizeof, policy_for, quantize_model, quantized_bytes
+    from lite.model.tiny import randomize_
 
     config = _full_config()
     out: dict = {"policies": {}, "cross_check": []}
@@ -156,7 +156,7 @@ def bench_bytes() -> dict:
                        model.visual_generator.backbone.single_blocks, model.visual_tokenizer.backbone.trunk.blocks):
             randomize_(blocks, 0)
             blocks.to(torch.bfloat16)
-        from lite.quantization import plan_model
+        from lite.model.quantization import plan_model
         from quant import quantize_linear_from_weight as qlw
         plan = plan_model(model, policy)
         for pname, p in plan.items():
@@ -188,7 +188,7 @@ def _psnr(a, b) -> float:
 
 @torch.no_grad()
 def _llm_yak_metrics(ref, model, tokens: int, img_tokens: int, seed: int = 0) -> dict:
-    from lite.latents import image_ids
+    from lite.model.latents import image_ids
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, ref.config.vocab_size, (tokens,), generator=g)
@@ -216,9 +216,9 @@ def _llm_yak_metrics(ref, model, tokens: int, img_tokens: int, seed: int = 0) ->
 def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
     import tempfile
 
-    from lite.loading import load_model
-    from lite.quantization import load_quantized_model, policy_for
-    from lite.tiny import make_tiny
+    from lite.model.checkpoint import load_model
+    from lite.model.quantization import load_quantized_model, policy_for
+    from lite.model.tiny import make_tiny
 
     rows: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +226,7 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
         ref, _ = load_model(path, dtype=policy_for("reference").dtype_for, progress=False)
         pipe = None
         try:
-            from lite.pipeline import OvisPipeline
+            from lite.runtime.pipeline import OvisPipeline
 
             pipe = OvisPipeline.from_pretrained(path, device="cpu", dtype=torch.bfloat16, progress=False)
             pipe.model = ref
@@ -248,12 +248,12 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
 
 @torch.no_grad()
 def _full_width_fidelity(policies: tuple[str, ...], llm_layers: int, yak_double: int, yak_single: int) -> dict:
-    """Full-width random weights (lite.tiny.randomize_ scales), reduced depth, bf16 reference."""
+    """Full-width random weights (lite.model.tiny.randomize_ scales), reduced depth, bf16 reference."""
     import copy
 
-    from lite.inspect import meta_model
-    from lite.quantization import policy_for, quantize_model
-    from lite.tiny import randomize_
+    from lite.model.sizes import meta_model
+    from lite.model.quantization import policy_for, quantize_model
+    from lite.model.tiny import randomize_
 
     cfg = _shallow(_full_config(), llm_layers, yak_double, yak_single)
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def _full_width_fidelity(policies: tuple[str, ...], llm_layers: int, yak_double:
         randomize_(part, 0)
     ref.llm.model.embed_tokens.weight.data.mul_(0.05 / 0.5)  # Qwen-like embedding scale
     ref.to(torch.bfloat16)
-    from lite.loading import init_non_persistent_buffers, tie_weights
+    from lite.model.checkpoint import init_non_persistent_buffers, tie_weights
 
     tie_weights(ref)
     init_non_persistent_buffers(ref, torch.device("cpu"))
@@ -297,7 +297,7 @@ import json, sys, threading, time
 import torch
 torch.set_num_threads(2)
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.quantization import load_quantized_model
+from lite.model.quantization import load_quantized_model
 import optimum.quanto.tensor  # imported before the baseline
 trim_host_heap()
 base = rss_anon_bytes(); peak = [base]; stop = threading.Event()
@@ -320,7 +320,7 @@ print(json.dumps({"policy": sys.argv[2], "seconds": round(secs, 1), "baseline_rs
 
 def bench_load(args: argparse.Namespace) -> dict:
     from lite.errors import CheckpointError
-    from lite.loading import index_checkpoint
+    from lite.model.checkpoint import index_checkpoint
 
     path = Path(args.full_dir)
     try:

@@ -7,7 +7,7 @@ Sections (run all by default, or one with ``--only NAME``):
   has a closed form, so every solver × spacing × NFE can be scored against a
   very fine float64 RK4 solution from the same noise.  No model needed.
 
-* ``tiny`` -- a seeded random tiny Ovis-U1 checkpoint (``lite.tiny.make_tiny``),
+* ``tiny`` -- a seeded random tiny Ovis-U1 checkpoint (``lite.model.tiny.make_tiny``),
   fp32 on the CPU, text-to-image (2-pass CFG) and edit (3-pass CFG) through
   ``OvisPipeline.denoise``: every solver × spacing × steps, and CFG intervals,
   scored against 50-step Euler with full CFG (relative L2 of the packed latent,
@@ -247,7 +247,7 @@ class _TinyTask:
 def _tiny_tasks(pipe: object, size: int, seed: int) -> list[_TinyTask]:
     """Conditions built once per task, exactly as OvisPipeline.generate / edit build them."""
     from lite import latents
-    from lite.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, edit_output_size, stretch, t2i_size, white_canvas
+    from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, edit_output_size, stretch, t2i_size, white_canvas
 
     dev = pipe.device  # type: ignore[attr-defined]
     tasks = []
@@ -278,9 +278,9 @@ def tiny_model_benchmark(args: argparse.Namespace) -> dict[str, object]:
     for text-to-image and edit on a seeded random tiny checkpoint, through OvisPipeline.denoise."""
     import tempfile
 
-    from lite.pipeline import Guidance, OvisPipeline, RunStats
+    from lite.runtime.pipeline import Guidance, OvisPipeline, RunStats
     from lite.sampling import make_timesteps
-    from lite.tiny import make_tiny
+    from lite.model.tiny import make_tiny
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ovis_tiny_") as tmp:
@@ -439,7 +439,7 @@ def tiny_model_benchmark(args: argparse.Namespace) -> dict[str, object]:
         }
     return {
         "machine": machine(),
-        "model": {"kind": "tiny random Ovis-U1 (lite.tiny.make_tiny)", "seed": args.tiny_seed, "dtype": "float32",
+        "model": {"kind": "tiny random Ovis-U1 (lite.model.tiny.make_tiny)", "seed": args.tiny_seed, "dtype": "float32",
                   "device": "cpu"},
         "noise_seed": args.seed,
         "shift_mu": "pipeline schedule for the resolution" if args.tiny_mu is None else args.tiny_mu,

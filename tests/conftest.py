@@ -31,7 +31,7 @@ def golden() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def golden_model():
     """The reference's tiny checkpoint, loaded through our own loader in float32."""
-    from lite.loading import load_model
+    from lite.model.checkpoint import load_model
 
     if not (GOLDEN / "tiny_ckpt").exists():
         pytest.skip("golden tiny checkpoint not found")
@@ -42,7 +42,7 @@ def golden_model():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A seeded tiny checkpoint in the real HF layout, written by `make_tiny`."""
-    from lite.tiny import make_tiny
+    from lite.model.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
     make_tiny(out, seed=0)

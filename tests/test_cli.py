@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lite.cli import main
+from lite.cli.main import main
 
 from .conftest import REAL_CONFIG
 
@@ -74,7 +74,7 @@ def test_existing_output_is_never_overwritten(capsys, tmp_path, gen_args):
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    from lite.outputs import save_image
+    from lite.runtime.outputs import save_image
 
     out = tmp_path / "out.png"
     out.write_bytes(b"old")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from lite.config import PreprocessorConfig, load_preprocessor_config
-from lite.modeling_aimv2 import group_order, vision_rope_inv_freq
-from lite.modeling_yak import rope_table, timestep_embedding, timestep_frequencies
-from lite.processing import preprocess_image, smart_resize
+from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.modeling_aimv2 import group_order, vision_rope_inv_freq
+from lite.model.modeling_yak import rope_table, timestep_embedding, timestep_frequencies
+from lite.model.processing import preprocess_image, smart_resize
 from lite.sampling import reference_schedule
 
 from .conftest import GOLDEN

@@ -1,4 +1,4 @@
-"""Per-component quantization of Ovis-U1 (lite.quantization) on tiny checkpoints.
+"""Per-component quantization of Ovis-U1 (lite.model.quantization) on tiny checkpoints.
 
 Two checkpoints: `make_tiny` (every int4 layer is too narrow for quanto's TinyGemm kernel, so the
 policy turns it into int8 on CPU), and a "small" one whose LLM and Yak widths are multiples of
@@ -19,15 +19,15 @@ import pytest
 import torch
 from torch import nn
 
-from lite.config import parse_config
+from lite.model.config import parse_config
 from lite.errors import CheckpointError, OutputError
-from lite.latents import image_ids
-from lite.loading import load_model
-from lite.modeling_ovis_u1 import OvisU1
-from lite.quantization import (MANIFEST_FILE, POLICY_NAMES, Int8VisualEmbedding, QuantizedCheckpointError,
+from lite.model.latents import image_ids
+from lite.model.checkpoint import load_model
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.quantization import (MANIFEST_FILE, POLICY_NAMES, Int8VisualEmbedding, QuantizedCheckpointError,
                                component_nbytes, is_quantized_checkpoint, load_quantized_model, make_sizeof,
                                policy_for, quantize_model, quantized_bytes, save_quantized_checkpoint)
-from lite.tiny import randomize_, tiny_config_dict, write_checkpoint, write_tokenizer
+from lite.model.tiny import randomize_, tiny_config_dict, write_checkpoint, write_tokenizer
 from quant import Int8Embedding, Int8Linear, layer_kind
 
 def _small_config() -> dict:
@@ -231,9 +231,9 @@ _RSS_SCRIPT = """
 import json, sys, threading, time
 import torch
 torch.set_num_threads(1)
-from lite.config import load_config
+from lite.model.config import load_config
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.quantization import load_quantized_model, quantized_bytes
+from lite.model.quantization import load_quantized_model, quantized_bytes
 out, src = sys.argv[1], sys.argv[2]
 warm, _ = load_quantized_model(out, progress=False)  # first-use costs: lazy imports, kernel set-up
 del warm

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lite.errors import CheckpointError
-from lite.loading import find_checkpoint, load_model
-from lite.tiny import make_tiny
-from lite.tokenizer import load_tokenizer
+from lite.model.checkpoint import find_checkpoint, load_model
+from lite.model.tiny import make_tiny
+from lite.model.tokenizer import load_tokenizer
 
 
 def _copy(src: Path, dst: Path) -> Path:

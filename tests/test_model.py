@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lite.config import PreprocessorConfig, load_config
-from lite.inspect import inspect_config
-from lite.latents import image_ids, pack, unpack
-from lite.modeling_aimv2 import apply_rotary_rotate_half, indicator_rows, vision_rope_angles
-from lite.modeling_yak import apply_rope, rope_table, timestep_embedding
-from lite.processing import edit_output_size, generation_vision_input, patchify, preprocess_image, smart_resize
+from lite.model.config import PreprocessorConfig, load_config
+from lite.model.sizes import inspect_config
+from lite.model.latents import image_ids, pack, unpack
+from lite.model.modeling_aimv2 import apply_rotary_rotate_half, indicator_rows, vision_rope_angles
+from lite.model.modeling_yak import apply_rope, rope_table, timestep_embedding
+from lite.model.processing import edit_output_size, generation_vision_input, patchify, preprocess_image, smart_resize
 from lite.sampling import time_shift_mu
 
 from .conftest import REAL_CONFIG
@@ -199,7 +199,7 @@ def test_real_config_renames_native_model_types():
     data = json.loads((REAL_CONFIG / "config.json").read_text())
     data["visual_tokenizer_config"]["model_type"] = "aimv2_native_visual_tokenizer"
     data["visual_tokenizer_config"]["backbone_config"]["model_type"] = "aimv2_native"
-    from lite.config import parse_config
+    from lite.model.config import parse_config
 
     cfg = parse_config(data)
     assert cfg.vision.hidden_size == 1024 and cfg.vision.vocab_size == 65536 and cfg.yak.context_in_dim == 4096

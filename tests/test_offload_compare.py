@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from lite.config import YakConfig  # noqa: E402
+from lite.model.config import YakConfig  # noqa: E402
 from offload.tensors import is_placeholder  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_compare.py"

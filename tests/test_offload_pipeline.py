@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from offload import BudgetError, min_budget_bytes
-from lite.memory_plan import Workload, activation_bytes, ovis_units
-from lite.pipeline import OvisPipeline
+from lite.model.memory_profile import Workload, activation_bytes, ovis_units
+from lite.runtime.pipeline import OvisPipeline
 
 SRC = Image.fromarray(np.random.default_rng(3).integers(0, 255, (48, 64, 3), dtype=np.uint8))
 

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from lite import latents
-from lite.config import load_preprocessor_config
+from lite.model.config import load_preprocessor_config
 from lite.errors import InputError
-from lite.pipeline import Condition, Guidance, OvisPipeline
-from lite.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, white_canvas
+from lite.runtime.pipeline import Condition, Guidance, OvisPipeline
+from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, white_canvas
 from lite.sampling import reference_schedule
 
 from .conftest import GOLDEN
@@ -107,7 +107,7 @@ def test_edit_is_deterministic(pipe):
 
 
 def test_multi_image_isolation(pipe):
-    from lite.processing import concat_vision, preprocess_image
+    from lite.model.processing import concat_vision, preprocess_image
 
     rng = np.random.default_rng(0)
     img1 = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lite.cli import main
-from lite.config import PreprocessorConfig, load_config
+from lite.cli.main import main
+from lite.model.config import PreprocessorConfig, load_config
 from lite.errors import InputError
-from lite.presets import (
+from lite.runtime.presets import (
     GiB,
     PRESETS,
     Machine,

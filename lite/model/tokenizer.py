@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
 
-from .errors import TokenizerError
+from lite.errors import TokenizerError
 
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 

@@ -20,10 +20,10 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from .config import load_config
-from .errors import CheckpointError
-from .memory import rss_anon_bytes, trim_host_heap
-from .modeling_ovis_u1 import TIED_KEYS, OvisU1, component_of
+from lite.model.config import load_config
+from lite.errors import CheckpointError
+from lite.memory import rss_anon_bytes, trim_host_heap
+from lite.model.modeling_ovis_u1 import TIED_KEYS, OvisU1, component_of
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 MODEL_ENV = "OVIS_LITE_MODEL"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeviceError
+from lite.errors import DeviceError
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}

@@ -21,15 +21,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import latents
-from .config import PreprocessorConfig, load_preprocessor_config
-from .errors import InputError
-from .devices import dtype_name, resolve_device, resolve_dtype
-from .loading import LoadReport, find_checkpoint, load_model
-from .memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
-from .modeling_ovis_u1 import OvisU1
-from .modeling_yak import RefinedText
-from .processing import (
+from lite.model import latents
+from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.errors import InputError
+from lite.runtime.devices import dtype_name, resolve_device, resolve_dtype
+from lite.model.checkpoint import LoadReport, find_checkpoint, load_model
+from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.modeling_yak import RefinedText
+from lite.model.processing import (
     T2I_PREFIX,
     UNCONDITIONAL_PROMPT,
     Turn,
@@ -47,9 +47,9 @@ from .processing import (
     vae_pixels,
     white_canvas,
 )
-from .sampling import SOLVERS, SPACINGS, reference_schedule, sample, time_shift_mu
-from .tokenizer import load_tokenizer
-from .validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
+from lite.sampling import SOLVERS, SPACINGS, reference_schedule, sample, time_shift_mu
+from lite.model.tokenizer import load_tokenizer
+from lite.validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
 
 PhaseListener = Callable[[str], None]
 OOM_RETRY_FACTOR = 0.75
@@ -132,14 +132,14 @@ class OvisPipeline:
         """Load a checkpoint directory (or the HF cache, or a pre-quantized checkpoint).
 
         Without a preset: every weight in `dtype` (bf16 by default), the VAE in fp32 like the reference.
-        With a preset (a name or a `lite.presets.Preset`): its precision policy is applied while the
+        With a preset (a name or a `lite.runtime.presets.Preset`): its precision policy is applied while the
         tensors stream in, its VAE tiling is set, and on CUDA/MPS the weights stay on the host and
         page through the device inside `budget_bytes` (default: the preset's budget).
         """
         directory = find_checkpoint(path)
         dev, _notice = resolve_device(device)
         if preset is None:
-            from .quantization import is_quantized_checkpoint, load_quantized_model
+            from lite.model.quantization import is_quantized_checkpoint, load_quantized_model
 
             if is_quantized_checkpoint(directory):
                 model, report = load_quantized_model(directory, device=dev, progress=progress)
@@ -153,8 +153,8 @@ class OvisPipeline:
             pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory), dev, progress, report)
             pipe.model_id = str(directory)
             return pipe
-        from .presets import get_preset
-        from .quantization import load_quantized_model, policy_for
+        from lite.runtime.presets import get_preset
+        from lite.model.quantization import load_quantized_model, policy_for
 
         preset = get_preset(preset) if isinstance(preset, str) else preset
         budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
@@ -213,7 +213,7 @@ class OvisPipeline:
 
     def workload(self, task: str, width: int = 0, height: int = 0, nfe: int | None = None,
                  max_new_tokens: int = 1024, num_images: int = 1) -> Any:
-        from .memory_plan import Workload
+        from lite.model.memory_profile import Workload
 
         return Workload(task, width=width or 1024, height=height or 1024, nfe=nfe, num_images=num_images,
                         max_new_tokens=max_new_tokens, device_type=self.device.type,
@@ -222,7 +222,7 @@ class OvisPipeline:
 
     def plan_for(self, wl: Any, budget_bytes: int | None = None) -> Any:
         """The offload plan for a workload on this model (sizes are the real, possibly quantized, bytes)."""
-        from .memory_plan import activation_bytes, plan_units
+        from lite.model.memory_profile import activation_bytes, plan_units
 
         budget = budget_bytes if budget_bytes is not None else self.offload.budget_bytes
         act = activation_bytes(self.model.config, self.pp, wl)
@@ -400,7 +400,7 @@ class OvisPipeline:
         cfg = self.model.config.yak
         if spacing == "linear":
             return reference_schedule(steps, n_tokens, cfg.base_shift, cfg.max_shift, shift=cfg.timestep_shift)
-        from .sampling import make_timesteps
+        from lite.sampling import make_timesteps
 
         mu = time_shift_mu(n_tokens, cfg.base_shift, cfg.max_shift) if cfg.timestep_shift else None
         return list(make_timesteps(steps, spacing, mu))
@@ -575,6 +575,6 @@ class OvisPipeline:
                     cfg_interval: tuple[float, float] | None = None, pixels: int = 1024 * 1024) -> int:
         """MMDiT evaluations per image: the conditional pass at every evaluation, the others only
         where guidance is active (the evaluation times are those the solver visits)."""
-        from .presets import guided_nfe
+        from lite.runtime.presets import guided_nfe
 
         return guided_nfe(task, solver, spacing, steps, cfg_interval, max(pixels // 256, 1))

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import parse_config
-from .modeling_ovis_u1 import TIED_KEYS, OvisU1
+from lite.model.config import parse_config
+from lite.model.modeling_ovis_u1 import TIED_KEYS, OvisU1
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 TINY_LLM_VOCAB = 512

@@ -10,8 +10,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from . import __version__
-from .errors import InputError, OutputError
+from lite import __version__
+from lite.errors import InputError, OutputError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 METADATA_KEY = "ovis-lite"

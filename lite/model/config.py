@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import Qwen3Config
 
-from .errors import ConfigError
+from lite.errors import ConfigError
 
 # The reference config loader renames the "native" AIMv2 model types (spec §2.3).
 _MODEL_TYPE_RENAMES = {

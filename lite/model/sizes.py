@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from .config import OvisU1Config
-from .modeling_ovis_u1 import COMPONENTS, OvisU1, component_of
+from lite.model.config import OvisU1Config
+from lite.model.modeling_ovis_u1 import COMPONENTS, OvisU1, component_of
 
 
 def meta_model(config: OvisU1Config) -> OvisU1:

@@ -42,12 +42,12 @@ from quant.apply import LayerTotals
 from quant.serialize import VERSION as QUANT_FORMAT_VERSION
 from quant.spec import QUANT_FORMATS, dtype_from_name, dtype_name, effective_group_size
 
-from .config import OvisU1Config, load_config
-from .errors import CheckpointError, OutputError
-from .loading import (INDEX_FILE, LoadReport, find_checkpoint, index_checkpoint, init_non_persistent_buffers,
+from lite.model.config import OvisU1Config, load_config
+from lite.errors import CheckpointError, OutputError
+from lite.model.checkpoint import (INDEX_FILE, LoadReport, find_checkpoint, index_checkpoint, init_non_persistent_buffers,
                       iter_checkpoint_tensors, set_tensor, tie_weights, validate_checkpoint)
-from .memory import rss_anon_bytes, trim_host_heap
-from .modeling_ovis_u1 import COMPONENTS, TIED_KEYS, OvisU1, component_of
+from lite.memory import rss_anon_bytes, trim_host_heap
+from lite.model.modeling_ovis_u1 import COMPONENTS, TIED_KEYS, OvisU1, component_of
 
 # --------------------------------------------------------------------------------------------
 # policies
@@ -568,7 +568,7 @@ class StreamingQuantizer:
     are ever held) until its partner arrives, then the layer is built and placed. embed_tokens
     becomes an Int8Embedding and lm_head an Int8Linear sharing its payload; vte an
     Int8VisualEmbedding. Call `finish()` after the stream to check nothing is left pending.
-    Note: `lite.loading.load_model` calls `tie_weights`, which needs `embed_tokens.weight`, so
+    Note: `lite.model.checkpoint.load_model` calls `tie_weights`, which needs `embed_tokens.weight`, so
     with an int8 embedding use `load_quantized_model` (which runs this placer) instead.
     """
 
@@ -754,7 +754,7 @@ def source_checkpoint_hash(directory: str | os.PathLike[str]) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from lite import __version__
 
     return {"ovis_lite": __version__, "quant_format": QUANT_FORMAT_VERSION, "torch": torch.__version__}
 
@@ -1049,7 +1049,7 @@ def quantized_bytes(config: OvisU1Config, policy: QuantPolicy | str, device_type
     unquantized = everything kept in bf16/fp16/fp32 (norms, excluded layers, biases, VAE).
     `device_type` resolves a policy name (default cpu); a QuantPolicy keeps its own.
     """
-    from .inspect import meta_model
+    from lite.model.sizes import meta_model
 
     policy = _as_policy(policy, device_type or "cpu")
     model = meta_model(config)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .errors import InputError, OvisLiteError
-from .validation import check_cfg, check_positive_int, check_side, check_text
+from lite import __version__
+from lite.errors import InputError, OvisLiteError
+from lite.validation import check_cfg, check_positive_int, check_side, check_text
 
 EXIT_USAGE = 2
 
@@ -148,10 +148,10 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 def _select_preset(args: argparse.Namespace, task: str, width: int, height: int):
     """The user's preset (checked to fit), or the best one for this machine; says which and why."""
-    from .config import load_config, load_preprocessor_config
-    from .devices import resolve_device
-    from .loading import find_checkpoint
-    from .presets import check_fits, choose_preset, detect_machine, get_preset, parse_bytes
+    from lite.model.config import load_config, load_preprocessor_config
+    from lite.runtime.devices import resolve_device
+    from lite.model.checkpoint import find_checkpoint
+    from lite.runtime.presets import check_fits, choose_preset, detect_machine, get_preset, parse_bytes
 
     preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
     vram = parse_bytes(args.vram) if args.vram else None
@@ -171,10 +171,10 @@ def _select_preset(args: argparse.Namespace, task: str, width: int, height: int)
 
 
 def _load_pipeline(args: argparse.Namespace, task: str, width: int = 1024, height: int = 1024):
-    from .devices import resolve_dtype
-    from .memory import format_bytes
-    from .pipeline import OvisPipeline
-    from .presets import effective_budget
+    from lite.runtime.devices import resolve_dtype
+    from lite.memory import format_bytes
+    from lite.runtime.pipeline import OvisPipeline
+    from lite.runtime.presets import effective_budget
 
     preset, device, directory, machine = _select_preset(args, task, width, height)
     dtype = resolve_dtype(args.dtype, device) if args.dtype != "auto" else None
@@ -198,7 +198,7 @@ def _sampling(args: argparse.Namespace, preset) -> dict:
 
 
 def _summary(args: argparse.Namespace, stats: Any, output: str | None) -> None:
-    from .memory import format_bytes
+    from lite.memory import format_bytes
 
     dev = f", device peak {format_bytes(stats.peak_device_bytes)}" if stats.peak_device_bytes is not None else ""
     size = f" {stats.width}x{stats.height}" if stats.width else ""
@@ -229,7 +229,7 @@ def _check_image_args(args: argparse.Namespace) -> None:
 
 
 def _check_solver_args(args: argparse.Namespace) -> None:
-    from .sampling import SOLVERS, SPACINGS
+    from lite.sampling import SOLVERS, SPACINGS
 
     if args.solver is not None and args.solver not in SOLVERS:
         raise InputError(f"unknown solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -245,7 +245,7 @@ def _metadata(pipe: Any, stats: Any, task: str, preset: Any) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     check_text("prompt", args.prompt)
     _check_image_args(args)
-    from .outputs import check_output_path, save_image
+    from lite.runtime.outputs import check_output_path, save_image
 
     check_output_path(args.output, args.overwrite)
     _check_solver_args(args)
@@ -263,8 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     check_text("instruction", args.instruction)
     _check_image_args(args)
-    from .outputs import check_output_path, save_image
-    from .processing import load_image
+    from lite.runtime.outputs import check_output_path, save_image
+    from lite.model.processing import load_image
 
     source = load_image(args.image)
     check_output_path(args.output, args.overwrite)
@@ -287,7 +287,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     check_positive_int("--max-new-tokens", args.max_new_tokens)
     if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
         raise InputError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
-    from .processing import load_image
+    from lite.model.processing import load_image
 
     images = [load_image(p) for p in image_paths]
     w = max((img.size[0] for img in images), default=448)
@@ -309,8 +309,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .devices import resolve_dtype
-    from .tiny import make_tiny
+    from lite.runtime.devices import resolve_dtype
+    from lite.model.tiny import make_tiny
 
     import torch
 
@@ -321,13 +321,13 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .inspect import format_inspect, inspect_config
+    from lite.model.config import load_config
+    from lite.model.sizes import format_inspect, inspect_config
 
     config = load_config(_config_source(args))
     if args.preset:
-        from .presets import get_preset
-        from .quantization import format_quantized_bytes, quantized_bytes
+        from lite.runtime.presets import get_preset
+        from lite.model.quantization import format_quantized_bytes, quantized_bytes
 
         preset = get_preset(args.preset)
         result = quantized_bytes(config, preset.quant, "cuda" if "cuda" in preset.devices else preset.devices[0])
@@ -343,7 +343,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _config_source(args: argparse.Namespace) -> Path:
     from importlib import resources
 
-    from .loading import find_checkpoint
+    from lite.model.checkpoint import find_checkpoint
 
     if getattr(args, "model", None):
         return find_checkpoint(args.model)
@@ -353,8 +353,8 @@ def _config_source(args: argparse.Namespace) -> Path:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .config import PreprocessorConfig, load_config
-    from .presets import preset_table
+    from lite.model.config import PreprocessorConfig, load_config
+    from lite.runtime.presets import preset_table
 
     rows = preset_table(load_config(_config_source(args)), PreprocessorConfig(), args.device)
     if args.json:
@@ -373,9 +373,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .config import PreprocessorConfig, load_config, load_preprocessor_config
-    from .presets import PRESETS, Preset, get_preset, parse_bytes, plan_preset, resident_peak
-    from .validation import check_side
+    from lite.model.config import PreprocessorConfig, load_config, load_preprocessor_config
+    from lite.runtime.presets import PRESETS, Preset, get_preset, parse_bytes, plan_preset, resident_peak
+    from lite.validation import check_side
 
     check_side("--width", args.width)
     check_side("--height", args.height)
@@ -415,8 +415,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .presets import get_preset
-    from .quantization import save_quantized_checkpoint
+    from lite.runtime.presets import get_preset
+    from lite.model.quantization import save_quantized_checkpoint
 
     preset = get_preset(args.preset)
     manifest = save_quantized_checkpoint(args.model, preset.quant, args.out, device_type=args.device,
@@ -426,7 +426,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .outputs import read_metadata
+    from lite.runtime.outputs import read_metadata
 
     meta = read_metadata(args.image)
     if args.json:
@@ -438,7 +438,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from lite.cli.demo import run_demo
 
     run_demo(Path(args.out), quiet=args.quiet)
     return 0

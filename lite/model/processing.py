@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import PreprocessorConfig
-from .errors import InputError
+from lite.model.config import PreprocessorConfig
+from lite.errors import InputError
 
 IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = (-301, -300, -302)

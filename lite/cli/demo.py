@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .memory import format_bytes, peak_rss_bytes
+from lite.memory import format_bytes, peak_rss_bytes
 
 DEMO_SEED = 0
 DEMO_SAMPLING = dict(steps=12, solver="unipc", spacing="linear")  # the fast settings
@@ -19,7 +19,7 @@ DEMO_SAMPLING = dict(steps=12, solver="unipc", spacing="linear")  # the fast set
 
 def demo_checkpoint() -> Path:
     """A tiny checkpoint cached under $XDG_CACHE_HOME/ovis-lite (made once)."""
-    from .tiny import make_tiny
+    from lite.model.tiny import make_tiny
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovis-lite" / f"tiny-seed{DEMO_SEED}"
     if not (cache / "model.safetensors.index.json").exists():
@@ -31,8 +31,8 @@ def run_demo(out_dir: Path, quiet: bool = False) -> list[tuple[str, float, int]]
     import torch
     from PIL import Image
 
-    from .outputs import save_image
-    from .pipeline import OvisPipeline
+    from lite.runtime.outputs import save_image
+    from lite.runtime.pipeline import OvisPipeline
 
     def say(msg: str) -> None:
         if not quiet:

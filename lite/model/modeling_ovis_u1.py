@@ -16,9 +16,9 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import Qwen3ForCausalLM
 
-from .config import OvisU1Config
-from .modeling_aimv2 import INDICATOR_IDS, VisualEmbedding, VisualTokenizer, indicator_rows
-from .modeling_yak import YakTransformer
+from lite.model.config import OvisU1Config
+from lite.model.modeling_aimv2 import INDICATOR_IDS, VisualEmbedding, VisualTokenizer, indicator_rows
+from lite.model.modeling_yak import YakTransformer
 
 IMAGE_ATOM_ID = -300
 COMPONENTS = ("llm", "vision", "visual_head", "vte", "yak", "vae")

@@ -1,6 +1,6 @@
 """Named quality-vs-memory presets, their planned peaks, and the automatic choice for a machine.
 
-A preset bundles four things: the precision per component (`lite.quantization`), the device budget
+A preset bundles four things: the precision per component (`lite.model.quantization`), the device budget
 the offload planner must fit (`offload/`), the solver, steps and guidance policy (`lite.sampling`),
 and VAE tiling. Planned peaks are computed on a `meta` model: no weight is read.
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .config import OvisU1Config, PreprocessorConfig
-from .errors import InputError
-from .memory import format_bytes
-from .memory_plan import CFG_PASSES, Workload, activation_bytes, ovis_units, plan_units, resize_units
+from lite.model.config import OvisU1Config, PreprocessorConfig
+from lite.errors import InputError
+from lite.memory import format_bytes
+from lite.model.memory_profile import CFG_PASSES, Workload, activation_bytes, ovis_units, plan_units, resize_units
 
 GiB = 1 << 30
 
@@ -25,7 +25,7 @@ GiB = 1 << 30
 class Preset:
     name: str
     description: str
-    quant: str  # a policy name of lite.quantization
+    quant: str  # a policy name of lite.model.quantization
     budget_bytes: int | None  # device budget for the offload plan; None: everything stays resident
     solver: str = "euler"
     spacing: str = "linear"
@@ -43,7 +43,7 @@ class Preset:
 def guided_nfe(task: str, solver: str, spacing: str, steps: int, interval: tuple[float, float] | None,
                tokens: int = 4096) -> int:
     """The conditional pass at every evaluation; the other CFG passes only where guidance is on."""
-    from .sampling import make_timesteps, nfe, reference_schedule, time_shift_mu
+    from lite.sampling import make_timesteps, nfe, reference_schedule, time_shift_mu
 
     evaluations = nfe(solver, steps)
     passes = CFG_PASSES[task]
@@ -112,7 +112,7 @@ _MODULE_BYTES: dict[tuple[int, str, str], dict[str, int]] = {}
 
 def _meta_model(config: OvisU1Config) -> Any:
     """One meta model per config object (building it is the slow part of planning)."""
-    from .inspect import meta_model
+    from lite.model.sizes import meta_model
 
     hit = _META_MODELS.get(id(config))
     if hit is None or hit[0] is not config:
@@ -122,7 +122,7 @@ def _meta_model(config: OvisU1Config) -> Any:
 
 def preset_workload(preset: Preset, task: str, width: int, height: int, device_type: str,
                     max_new_tokens: int = 1024) -> Workload:
-    from .quantization import policy_for
+    from lite.model.quantization import policy_for
 
     nfe = preset.nfe(task) if task != "understand" else None
     vae_dtype = policy_for(preset.quant, device_type).vae_dtype
@@ -133,7 +133,7 @@ def preset_workload(preset: Preset, task: str, width: int, height: int, device_t
 
 def module_bytes_for(preset: Preset, model: Any, device_type: str) -> dict[str, int]:
     """Qualified module name -> bytes it owns once the preset's precision policy is applied."""
-    from .quantization import module_bytes, policy_for
+    from lite.model.quantization import module_bytes, policy_for
 
     key = (id(model), preset.quant, device_type)
     if key not in _MODULE_BYTES:
@@ -241,7 +241,7 @@ def detect_machine(device: torch.device, vram: int | None = None, ram: int | Non
 
 def host_bytes_needed(preset: Preset, config: OvisU1Config) -> int:
     """Host RAM to hold the weights in the preset's precision (offloaded weights live there), plus slack."""
-    from .quantization import quantized_bytes
+    from lite.model.quantization import quantized_bytes
 
     return int(quantized_bytes(config, preset.quant, "cpu")["total_bytes"] * 1.1) + 2 * GiB
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import YakConfig
+from lite.model.config import YakConfig
 
 LN_EPS = 1e-6
 

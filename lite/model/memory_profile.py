@@ -18,9 +18,9 @@ from torch import nn
 from offload import UnitSpec, build_units
 from offload.units import Unit
 
-from .config import OvisU1Config, PreprocessorConfig
-from .modeling_ovis_u1 import OvisU1
-from .processing import edit_output_size, smart_resize, t2i_size
+from lite.model.config import OvisU1Config, PreprocessorConfig
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.processing import edit_output_size, smart_resize, t2i_size
 
 PHASES = ("conditions", "denoise", "decode")
 TASKS = ("understand", "t2i", "edit")

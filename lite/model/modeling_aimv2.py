@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
+from lite.model.config import VisionConfig
 
 
 class RMSNorm(nn.Module):
