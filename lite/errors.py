@@ -5,9 +5,11 @@ Kept free of heavy imports so the CLI can report a bad argument before torch is 
 
 from __future__ import annotations
 
+from offload.errors import UserError
 
-class OvisLiteError(Exception):
-    """Base of every error the CLI reports as one line with exit code 2."""
+
+class OvisLiteError(UserError):
+    """Base of ovis-lite's own user-fixable errors (the CLI reports every `UserError` as one line, exit 2)."""
 
 
 class InputError(OvisLiteError, ValueError):
@@ -32,3 +34,11 @@ class DeviceError(OvisLiteError, ValueError):
 
 class OutputError(OvisLiteError):
     """An output that cannot be written without losing something the user owns."""
+
+
+class Cancelled(OvisLiteError):
+    """A run stopped by its step callback (it returned False) or by the user."""
+
+
+class ArgumentTypeError(InputError, TypeError):
+    """An argument of the wrong type (`seed="x"`, `prompt=123`, `image=None`): names the argument and the type."""

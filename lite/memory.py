@@ -25,13 +25,21 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def trim_host_heap() -> None:
-    """Return freed heap pages to the OS (glibc keeps them otherwise)."""
-    gc.collect()
+_LIBC: ctypes.CDLL | None | bool = None
+
+
+def trim_host_heap(collect: bool = True) -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise); `collect` runs the GC first."""
+    global _LIBC
+    if collect:
+        gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        if _LIBC:
+            _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
+        _LIBC = False
 
 
 def rss_anon_bytes() -> int:

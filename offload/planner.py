@@ -18,6 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Protocol, Sequence
 
+from .errors import UserError
+
 
 class UnitLike(Protocol):
     name: str
@@ -38,7 +40,7 @@ class UnitInfo:
     outer: bool = False
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The budget cannot hold even the minimal plan (everything paged, no prefetch)."""
 
     def __init__(self, budget_bytes: int, min_budget_bytes: int, phase: str, what: str = "") -> None:

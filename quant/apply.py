@@ -9,8 +9,8 @@ from torch import nn
 
 from offload.accounting import module_nbytes
 
-from . import bnb_backend, quanto_backend
-from .linear import layer_kind, quantize_linear_from_weight
+from .backends import is_plain_linear, layer_kind
+from .linear import quantize_linear_from_weight
 from .spec import QuantSpec
 
 
@@ -69,11 +69,6 @@ def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
 
-def _is_plain_linear(m: nn.Module) -> bool:
-    """nn.Linear (or a subclass) that is not already a quanto/bnb quantized layer."""
-    return isinstance(m, nn.Linear) and not (quanto_backend.owns(m) or bnb_backend.owns(m))
-
-
 def quantize(module: nn.Module, spec: QuantSpec, device: torch.device | str | None = None) -> QuantReport:
     """Replace every `nn.Linear` descendant selected by `spec` with its quantized version, in place.
 
@@ -90,7 +85,7 @@ def quantize(module: nn.Module, spec: QuantSpec, device: torch.device | str | No
     if spec.format == "none":
         return report
     targets = [(n, m) for n, m in module.named_modules()
-               if n and _is_plain_linear(m) and spec.matches(n)]
+               if n and is_plain_linear(m) and spec.matches(n)]
     for name, linear in targets:
         before = module_nbytes(linear)
         with torch.no_grad():

@@ -62,10 +62,6 @@ class Int8Linear(nn.Module):
         q, s = quantize_rows_int8(weight.to(target))
         return cls(q, s, None if bias is None else bias.to(target), compute_dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """Full-precision weight (for checks and debugging; never stored)."""
-        return self.qweight.to(self.compute_dtype) * self.scale[:, None].to(self.compute_dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
         y = F.linear(x.to(cd), self.qweight.to(cd)) * self.scale.to(cd)
@@ -108,9 +104,6 @@ class Int8Embedding(nn.Module):
                                and embedding.weight.dtype != torch.float32 else torch.bfloat16)
         return cls.from_weight(embedding.weight, device, embedding.padding_idx, cd)
 
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.to(self.compute_dtype) * self.scale[:, None].to(self.compute_dtype)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
         return F.embedding(ids, self.qweight).to(cd) * self.scale[ids].unsqueeze(-1).to(cd)
@@ -143,3 +136,52 @@ def quantize_tied_embedding(embedding: nn.Embedding, lm_head: nn.Linear | None =
             raise ValueError("lm_head is not tied to the embedding (different weights); quantize it separately")
     emb = Int8Embedding.from_embedding(embedding, device, compute_dtype)
     return emb, emb.tied_linear(embedding_name)
+
+
+class Int8VisualEmbedding(nn.Module):
+    """A table used as a matmul's right operand (Ovis-U1's visual embedding), as int8 rows + fp32 row scales.
+
+    Float input [..., n] (probabilities over the first n visual words): returns
+    `x @ dequant(table[:n])` in `compute_dtype`, computed `block_rows` table rows at a time (the
+    row scale is folded into x, accumulation in fp32), so no dequantized copy of the table is ever
+    made. Integer input: a row lookup. Always through `forward`, so module hooks see every use.
+    `.weight` returns the int8 payload (for code that only asks for its device).
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16,
+                 block_rows: int = 8192) -> None:
+        super().__init__()
+        _check_rows(qweight, scale)
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.compute_dtype = compute_dtype
+        self.block_rows = block_rows
+        self.qweight = nn.Parameter(qweight, requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, device: torch.device | str | None = None,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "Int8VisualEmbedding":
+        """Quantize a [V, D] table (per-row symmetric absmax int8, as `quantize_rows_int8`)."""
+        target = torch.device(device) if device is not None else weight.device
+        q, s = quantize_rows_int8(weight.to(target))
+        return cls(q, s, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        if not x.is_floating_point():
+            return F.embedding(x, self.qweight).to(cd) * self.scale[x].unsqueeze(-1).to(cd)
+        n = x.shape[-1]
+        flat = x.reshape(-1, n)
+        out = torch.zeros(flat.shape[0], self.embedding_dim, dtype=torch.float32, device=x.device)
+        for start in range(0, n, self.block_rows):
+            stop = min(n, start + self.block_rows)
+            xs = (flat[:, start:stop].float() * self.scale[start:stop]).to(cd)
+            out += (xs @ self.qweight[start:stop].to(cd)).float()
+        return out.to(cd).reshape(*x.shape[:-1], self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8, compute_dtype={self.compute_dtype}"

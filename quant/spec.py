@@ -8,28 +8,18 @@ from dataclasses import dataclass
 import torch
 
 FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8", "fp8", "bf16", "fp16", "none")
-BACKENDS: tuple[str, ...] = ("auto", "bnb", "quanto", "torch")
 COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
 #: Formats that really quantize (as opposed to casting or leaving weights alone).
 QUANT_FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8", "fp8")
-#: Formats each explicit backend implements.
-BACKEND_FORMATS: dict[str, tuple[str, ...]] = {
-    "bnb": ("nf4", "fp4"),
-    "quanto": ("int4", "int8", "fp8"),
-    "torch": ("int8", "bf16", "fp16", "none"),
-}
-#: Order tried by backend "auto"; the first one that is installed and accepts the device wins.
-AUTO_CHAIN: dict[str, tuple[tuple[str, str], ...]] = {
-    "nf4": (("bnb", "nf4"), ("quanto", "int4"), ("torch", "int8")),
-    "fp4": (("bnb", "fp4"), ("quanto", "int4"), ("torch", "int8")),
-    "int4": (("quanto", "int4"), ("torch", "int8")),
-    "int8": (("quanto", "int8"), ("torch", "int8")),
-    "fp8": (("quanto", "fp8"), ("torch", "int8")),
-    "bf16": (("torch", "bf16"),),
-    "fp16": (("torch", "fp16"),),
-    "none": (("torch", "none"),),
-}
+
+
+def backend_names() -> tuple[str, ...]:
+    """"auto" plus every registered backend (the registry imports this module, hence the late import)."""
+    from .backends import REGISTRY
+
+    return ("auto", *REGISTRY)
+
 
 #: bitsandbytes block size used for nf4/fp4 (bnb's default; absmax is one fp32 per block).
 BNB_BLOCKSIZE = 64
@@ -56,13 +46,15 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"unknown quant format {self.format!r}; valid formats: {', '.join(FORMATS)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown quant backend {self.backend!r}; valid backends: {', '.join(BACKENDS)}")
-        if self.backend != "auto" and self.format not in BACKEND_FORMATS[self.backend]:
-            raise ValueError(
-                f"backend {self.backend!r} does not implement format {self.format!r}; "
-                f"it implements: {', '.join(BACKEND_FORMATS[self.backend])}"
-            )
+        if self.backend not in backend_names():
+            raise ValueError(f"unknown quant backend {self.backend!r}; valid backends: {', '.join(backend_names())}")
+        if self.backend != "auto":
+            from .backends import REGISTRY
+
+            implemented = REGISTRY[self.backend].formats
+            if self.format not in implemented:
+                raise ValueError(f"backend {self.backend!r} does not implement format {self.format!r}; "
+                                 f"it implements: {', '.join(implemented)}")
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0 or self.group_size % 32:
             raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -34,7 +34,7 @@ def _random_(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, 
 def bench_llm(cfg, device: torch.device, fmt: str, prompt: int, new: int, repeats: int) -> dict:
     from transformers import Qwen3ForCausalLM
 
-    from lite.model.quantization import policy_for
+    from lite.model.precision import policy_for
     from quant import quantize
 
     with torch.device("meta"):
@@ -59,7 +59,7 @@ def bench_llm(cfg, device: torch.device, fmt: str, prompt: int, new: int, repeat
 def bench_yak(cfg, device: torch.device, fmt: str, side: int, text: int, repeats: int) -> dict:
     from lite import latents
     from lite.model.modeling_yak import RefinedText, YakTransformer
-    from lite.model.quantization import policy_for
+    from lite.model.precision import policy_for
     from quant import quantize
 
     with torch.device("meta"):

@@ -10,7 +10,7 @@ paging from pinned memory on a side stream with prefetch depth 0/1/2 against res
 1. Planned peaks, on a `meta` model (no weight is read): for budgets of 8, 6, 4, 3 and 2 GiB, the
    tasks understand / t2i 1024x1024 / edit 1024x1024 and two precision layouts (bf16 = the
    `reference` quant policy with its fp32 untiled VAE and 50 Euler steps; `balanced`), the plan of
-   `lite.runtime.presets.plan_preset` with that budget: planned peak (weights + activations), per-phase
+   `lite.runtime.planning.plan_preset` with that budget: planned peak (weights + activations), per-phase
    peaks, resident weight bytes, paged units, prefetch depth, and which Yak units page inside the
    denoise loop. A budget no plan fits records the BudgetError's minimum (and the phase setting it).
 2. CPU (default): a full-size Yak (random bf16 weights) driven like the denoise loop (2 CFG passes
@@ -103,7 +103,8 @@ def ovis_plans(budgets_gib: tuple[float, ...] = OVIS_BUDGETS_GIB, width: int = 1
     import dataclasses
 
     from lite.model.config import PreprocessorConfig, parse_config
-    from lite.runtime.presets import PRESETS, plan_preset
+    from lite.runtime.planning import plan_preset
+    from lite.runtime.presets import PRESETS
     from lite.model.tiny import real_config_template
     from offload import BudgetError
 
@@ -115,7 +116,7 @@ def ovis_plans(budgets_gib: tuple[float, ...] = OVIS_BUDGETS_GIB, width: int = 1
             # `reference` never offloads on its own: keep its precision, VAE and sampling, page inside the budget.
             preset = dataclasses.replace(PRESETS[preset_name], budget_bytes=budget, offload=True)
             for task in OVIS_TASKS:
-                row: dict[str, object] = {"layout": layout, "quant": preset.quant, "budget_bytes": budget,
+                row: dict[str, object] = {"layout": layout, "precision": preset.precision.name, "budget_bytes": budget,
                                           "task": task, "size": None if task == "understand" else f"{width}x{height}"}
                 try:
                     p = plan_preset(preset, cfg, pp, task, width, height, device_type, budget)

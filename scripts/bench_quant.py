@@ -129,7 +129,9 @@ def bench_bytes() -> dict:
     """quantized_bytes per policy (cpu and cuda), and real quantized blocks vs make_sizeof on meta."""
 
     from lite.model.sizes import meta_model
-    from lite.model.quantization import make_sizeof, policy_for, quantize_model, quantized_bytes
+    from lite.model.precision import policy_for
+    from lite.model.quantize import quantize_model
+    from lite.model.sizes import make_sizeof, quantized_bytes
     from lite.model.tiny import randomize_
 
     config = _full_config()
@@ -156,7 +158,7 @@ def bench_bytes() -> dict:
                        model.visual_generator.backbone.single_blocks, model.visual_tokenizer.backbone.trunk.blocks):
             randomize_(blocks, 0)
             blocks.to(torch.bfloat16)
-        from lite.model.quantization import plan_model
+        from lite.model.quantize import plan_model
         from quant import quantize_linear_from_weight as qlw
         plan = plan_model(model, policy)
         for pname, p in plan.items():
@@ -217,7 +219,8 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
     import tempfile
 
     from lite.model.checkpoint import load_model
-    from lite.model.quantization import load_quantized_model, policy_for
+    from lite.model.checkpoint import load_quantized_model
+    from lite.model.precision import policy_for
     from lite.model.tiny import make_tiny
 
     rows: dict = {}
@@ -252,7 +255,7 @@ def _full_width_fidelity(policies: tuple[str, ...], llm_layers: int, yak_double:
     import copy
 
     from lite.model.sizes import meta_model
-    from lite.model.quantization import policy_for, quantize_model
+    from lite.model.precision import policy_for, quantize_model
     from lite.model.tiny import randomize_
 
     cfg = _shallow(_full_config(), llm_layers, yak_double, yak_single)
@@ -297,7 +300,7 @@ import json, sys, threading, time
 import torch
 torch.set_num_threads(2)
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.model.quantization import load_quantized_model
+from lite.model.checkpoint import load_quantized_model
 import optimum.quanto.tensor  # imported before the baseline
 trim_host_heap()
 base = rss_anon_bytes(); peak = [base]; stop = threading.Event()
@@ -320,7 +323,7 @@ print(json.dumps({"policy": sys.argv[2], "seconds": round(secs, 1), "baseline_rs
 
 def bench_load(args: argparse.Namespace) -> dict:
     from lite.errors import CheckpointError
-    from lite.model.checkpoint import index_checkpoint
+    from lite.model.shards import index_checkpoint
 
     path = Path(args.full_dir)
     try:

@@ -24,9 +24,13 @@ from lite.errors import CheckpointError, OutputError
 from lite.model.latents import image_ids
 from lite.model.checkpoint import load_model
 from lite.model.modeling_ovis_u1 import OvisU1
-from lite.model.quantization import (MANIFEST_FILE, POLICY_NAMES, Int8VisualEmbedding, QuantizedCheckpointError,
-                               component_nbytes, is_quantized_checkpoint, load_quantized_model, make_sizeof,
-                               policy_for, quantize_model, quantized_bytes, save_quantized_checkpoint)
+from lite.model.checkpoint import load_quantized_model
+from lite.model.precision import POLICY_NAMES, policy_for
+from lite.model.prequantized import (MANIFEST_FILE, QuantizedCheckpointError, is_quantized_checkpoint,
+                                     save_quantized_checkpoint)
+from lite.model.quantize import component_nbytes, quantize_model
+from lite.model.sizes import make_sizeof, quantized_bytes
+from quant import Int8VisualEmbedding
 from lite.model.tiny import randomize_, tiny_config_dict, write_checkpoint, write_tokenizer
 from quant import Int8Embedding, Int8Linear, layer_kind
 
@@ -233,7 +237,8 @@ import torch
 torch.set_num_threads(1)
 from lite.model.config import load_config
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.model.quantization import load_quantized_model, quantized_bytes
+from lite.model.checkpoint import load_quantized_model
+from lite.model.sizes import quantized_bytes
 out, src = sys.argv[1], sys.argv[2]
 warm, _ = load_quantized_model(out, progress=False)  # first-use costs: lazy imports, kernel set-up
 del warm

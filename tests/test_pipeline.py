@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lite import latents
+from lite.model import latents
 from lite.model.config import load_preprocessor_config
 from lite.errors import InputError
-from lite.runtime.pipeline import Condition, Guidance, OvisPipeline
+from lite.runtime.pipeline import Condition, OvisPipeline
+from lite.sampling import Guidance
 from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, white_canvas
 from lite.sampling import reference_schedule
 

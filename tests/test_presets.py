@@ -9,16 +9,10 @@ import pytest
 from lite.cli.main import main
 from lite.model.config import PreprocessorConfig, load_config
 from lite.errors import InputError
-from lite.runtime.presets import (
-    GiB,
-    PRESETS,
-    Machine,
-    check_fits,
-    choose_preset,
-    parse_bytes,
-    plan_preset,
-    preset_table,
-)
+from lite.runtime.machine import GiB, Machine
+from lite.runtime.planning import check_fits, choose_preset, plan_preset, preset_table
+from lite.runtime.presets import PRESETS
+from lite.validation import parse_bytes
 
 from .conftest import REAL_CONFIG
 
@@ -106,10 +100,15 @@ def test_too_large_resolution_is_a_one_line_cli_error(capsys, tmp_path, tiny_dir
     assert code == 2 and err.count("\n") == 1 and "fits" in err, err
 
 
-@pytest.mark.parametrize("text, expected", [("6GB", 6 * GiB), ("512MB", 512 << 20), ("2.5 GiB", int(2.5 * GiB)),
-                                            ("8", 8 * GiB)])
+@pytest.mark.parametrize("text, expected", [("6GB", 6 * GiB), ("512MB", 512 << 20), ("2.5 GiB", int(2.5 * GiB))])
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
+
+
+def test_a_bare_number_is_refused_as_ambiguous():
+    # "8" could be 8 bytes or 8 GiB (issue 12): a size needs its unit
+    with pytest.raises(InputError, match="no unit"):
+        parse_bytes("8")
 
 
 def test_plan_command_json(capsys):

@@ -7,27 +7,29 @@ placed. Nothing is unpickled, and host RAM never holds two copies of the model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
+
+from offload.accounting import module_nbytes
 
 from lite.model.config import load_config
+from lite.model.shards import INDEX_FILE, index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.model.modeling_ovis_u1 import TIED_KEYS, OvisU1, component_of
+from lite.model.architecture import OVIS_U1
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.progress import progress_bar
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 MODEL_ENV = "OVIS_LITE_MODEL"
-INDEX_FILE = "model.safetensors.index.json"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -66,66 +68,16 @@ def find_checkpoint(model: str | os.PathLike[str] | None = None) -> Path:
             looked.append(f"{path} (not found)" if not path.exists() else f"{path} (not a directory)")
     raise CheckpointError(
         f"no Ovis-U1 checkpoint found (looked in: {', '.join(looked)}); download {HF_REPO_IDS[0]} "
-        f"(e.g. `huggingface-cli download {HF_REPO_IDS[0]}`) and pass --model DIR, or set ${MODEL_ENV}")
+        f"(e.g. `hf download {HF_REPO_IDS[0]}`) and pass --model DIR, or set ${MODEL_ENV}")
 
 
-@dataclass
-class TensorEntry:
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def index_checkpoint(directory: Path) -> dict[str, TensorEntry]:
-    """Every tensor of the checkpoint with its file, shape and stored dtype, read from headers only."""
-    index = directory / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
-        files = sorted({directory / f for f in weight_map.values()})
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-        weight_map = {}
-    if not files:
-        raise CheckpointError(f"{directory} holds no *.safetensors files")
-    entries: dict[str, TensorEntry] = {}
-    for file in files:
-        if not file.exists():
-            raise CheckpointError(f"shard {file.name} named in {INDEX_FILE} is missing from {directory}")
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    entries[key] = TensorEntry(key, file, tuple(sl.get_shape()), sl.get_dtype())
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
-            raise CheckpointError(f"shard {file} is corrupt or truncated ({str(exc).splitlines()[0]})") from None
-    for key, fname in weight_map.items():
-        if key in entries and entries[key].file.name != Path(fname).name:
-            raise CheckpointError(f"{INDEX_FILE} puts {key} in {fname} but it is stored in {entries[key].file.name}")
-    return entries
-
-
-def _list(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def validate_checkpoint(model: nn.Module, entries: dict[str, TensorEntry]) -> None:
-    """Names and shapes must equal the module's; the tied LM head may be present or absent."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(k for k in expected if k not in entries and k not in TIED_KEYS)
-    unexpected = sorted(k for k in entries if k not in expected)
-    misshaped = [f"{k} {list(entries[k].shape)} (expected {list(expected[k])})"
-                 for k in sorted(expected) if k in entries and entries[k].shape != expected[k]]
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {_list(missing)}")
-    if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s): {_list(unexpected)}")
-    if misshaped:
-        raise CheckpointError(f"checkpoint has {len(misshaped)} mis-shaped tensor(s): {_list(misshaped, 3)}")
+def model_id_of(directory: Path) -> str:
+    """The model's id for metadata: the HF repo id of a cache snapshot, else the folder's name."""
+    parts = directory.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return directory.name
 
 
 def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -148,11 +100,32 @@ def init_non_persistent_buffers(model: OvisU1, device: torch.device) -> None:
 
 
 def tie_weights(model: OvisU1) -> None:
-    model.llm.lm_head.weight = model.llm.model.embed_tokens.weight
+    """The LM head reads the token embedding's weight (`OvisU1.architecture.tied_weights_keys`)."""
+    model.get_submodule(OVIS_U1.head_module).weight = model.get_submodule(OVIS_U1.embed_module).weight
 
 
 DTypeFor = Callable[[str], torch.dtype]
-Placer = Callable[[OvisU1, str, torch.Tensor], bool]
+
+
+class Placer(Protocol):
+    """Takes over tensors as they stream in (quantizing them, or restoring pre-quantized payloads)."""
+
+    def __call__(self, model: OvisU1, name: str, tensor: torch.Tensor) -> bool:
+        """True when it placed `tensor` itself; False lets the loader cast and place it."""
+
+    def finish(self, model: OvisU1) -> None:
+        """After the stream: build what is still pending, tie what must be tied, refuse what is left over."""
+
+
+class TensorSource(Protocol):
+    """Where the loop reads from: the HF shards, or a pre-quantized checkpoint's shards."""
+
+    def validate(self, model: OvisU1) -> None:
+        """Refuse a checkpoint that cannot fill `model`, from headers alone, before any data is read."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
 
 @dataclass
@@ -167,22 +140,98 @@ class LoadReport:
     peak_rss_anon_bytes: int = 0
     rss_anon_before: int = 0
     rss_anon_after: int = 0
+    policy: str = ""
+    prequantized: bool = False
+    quant: Any = None  # lite.model.quantize.ModelQuantReport when anything was quantized
+    bytes_read: int = 0  # bytes of every tensor read from the checkpoint
+    largest_tensor_bytes: int = 0
+    names_read: list[str] = field(default_factory=list)
 
 
-def iter_checkpoint_tensors(entries: dict[str, TensorEntry]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, file by file, from memory-mapped shards."""
-    by_file: dict[Path, list[str]] = {}
-    for e in entries.values():
-        by_file.setdefault(e.file, []).append(e.name)
-    for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"shard {file} could not be read ({str(exc).splitlines()[0]})") from None
+class ShardSource:
+    """The checkpoint's own safetensors shards, validated against the model from their headers."""
+
+    def __init__(self, directory: Path) -> None:
+        self.entries = index_checkpoint(directory)
+
+    def validate(self, model: OvisU1) -> None:
+        validate_checkpoint(model, self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_checkpoint_tensors(self.entries)
+
+
+PlacerFactory = Callable[[OvisU1], Placer]
+
+
+def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
+                      make_placer: PlacerFactory | None, progress: bool,
+                      report: LoadReport) -> tuple[OvisU1, LoadReport]:
+    """The one load loop: meta model, header validation, then one tensor at a time -> placer or cast+place.
+
+    Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
+    """
+    config = load_config(directory)
+    trim_host_heap()
+    report.rss_anon_before = rss_anon_bytes()
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = OvisU1(config)
+    source.validate(model)
+    placer = make_placer(model) if make_placer is not None else None
+    if placer is not None and getattr(placer, "report", None) is not None:
+        report.quant = placer.report
+    peak = report.rss_anon_before
+    with progress_bar(len(source), "loading", progress, unit="tensor") as bar:
+        for name, tensor in source:
+            report.stored_dtypes[str(tensor.dtype)] = report.stored_dtypes.get(str(tensor.dtype), 0) + 1
+            report.bytes_read += tensor.nbytes
+            report.largest_tensor_bytes = max(report.largest_tensor_bytes, tensor.nbytes)
+            report.names_read.append(name)
+            if name not in OVIS_U1.tied_weights_keys and (placer is None or not placer(model, name, tensor)):
+                set_tensor(model, name, tensor.to(device=device, dtype=dtype_for(name)))
+            del tensor
+            report.tensors += 1
+            if report.tensors % 8 == 0:
+                peak = max(peak, rss_anon_bytes())
+            bar.update(1)
+    if placer is None:
+        tie_weights(model)  # the head never held a second copy
+    else:
+        placer.finish(model)
+    init_non_persistent_buffers(model, device)
+    leftover = [n for n, t in named_tensors(model) if t.device.type == "meta"]
+    if leftover:
+        raise CheckpointError(f"{len(leftover)} tensor(s) were not loaded: {list_names(leftover)}")
+    model.eval().requires_grad_(False)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_anon_bytes = max(peak, rss_anon_bytes())
+    report.component_bytes = {c: module_nbytes(model.get_submodule(p)) for c, p in OVIS_U1.components.items()}
+    if report.quant is not None:
+        report.quant.component_bytes = dict(report.component_bytes)
+    trim_host_heap()
+    report.rss_anon_after = rss_anon_bytes()
+    return model, report
+
+
+def named_tensors(model: nn.Module, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and persistent buffer, tied ones once, without `state_dict()`
+    (which makes quanto unpack every TinyGemm weight); modules named in `skip` are left out whole."""
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        if mname in skip or any(mname.startswith(q + ".") for q in skip):
+            continue
+        prefix = f"{mname}." if mname else ""
+        items = list(m._parameters.items()) + [(k, b) for k, b in m._buffers.items()
+                                                if k not in m._non_persistent_buffers_set]
+        for leaf, t in items:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield prefix + leaf, t
 
 
 def load_model(
@@ -198,41 +247,36 @@ def load_model(
     may take over a tensor (e.g. quantize it as it streams in); it returns True when it did.
     """
     directory = find_checkpoint(path)
-    config = load_config(directory)
-    device = torch.device(device)
     dtype_for: DTypeFor = dtype if callable(dtype) else (lambda _name, _d=dtype: _d)
-    trim_host_heap()
-    report = LoadReport(path=directory, rss_anon_before=rss_anon_bytes())
-    start = time.perf_counter()
-    with torch.device("meta"):
-        model = OvisU1(config)
-    entries = index_checkpoint(directory)
-    validate_checkpoint(model, entries)
-    peak = report.rss_anon_before
-    bar = tqdm(total=len(entries), desc="loading", unit="tensor", disable=not progress, leave=False)
-    for name, tensor in iter_checkpoint_tensors(entries):
-        report.stored_dtypes[str(tensor.dtype)] = report.stored_dtypes.get(str(tensor.dtype), 0) + 1
-        if name in TIED_KEYS:
-            pass  # tied to embed_tokens below: never hold a second copy
-        elif placer is None or not placer(model, name, tensor):
-            value = tensor.to(device=device, dtype=dtype_for(name))
-            set_tensor(model, name, value)
-            comp = component_of(name)
-            report.component_bytes[comp] = report.component_bytes.get(comp, 0) + value.numel() * value.element_size()
-        del tensor
-        report.tensors += 1
-        if report.tensors % 64 == 0:
-            peak = max(peak, rss_anon_bytes())
-        bar.update(1)
-    bar.close()
-    tie_weights(model)
-    init_non_persistent_buffers(model, device)
-    leftover = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
-    if leftover:
-        raise CheckpointError(f"{len(leftover)} tensor(s) were not loaded: {_list(leftover)}")
-    model.eval().requires_grad_(False)
-    report.seconds = time.perf_counter() - start
-    report.peak_rss_anon_bytes = max(peak, rss_anon_bytes())
-    trim_host_heap()
-    report.rss_anon_after = rss_anon_bytes()
-    return model, report
+    make = (lambda _model: placer) if placer is not None else None
+    return stream_into_model(directory, ShardSource(directory), torch.device(device), dtype_for, make, progress,
+                             LoadReport(path=directory))
+
+
+def load_quantized_model(path: str | os.PathLike[str] | None, policy: Any = None,
+                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                         progress: bool = True) -> tuple[OvisU1, LoadReport]:
+    """Load an Ovis-U1 checkpoint quantized by `policy` (a QuantPolicy or a Precision), streaming.
+
+    A directory written by `save_quantized_checkpoint` is restored from its payloads: no
+    full-precision weight is read and `policy` is ignored (the checkpoint's formats win; the report
+    names its policy). Otherwise each tensor is read from the mmapped shards, cast, quantized and
+    placed before the next one is read, so peak host RAM is about the quantized model plus the
+    largest tensor's transients. `dtype` overrides the policy's compute/storage dtype.
+    """
+    from lite.model.precision import as_policy
+    from lite.model.prequantized import PrequantizedSource, is_quantized_checkpoint
+    from lite.model.quantize import StreamingQuantizer
+
+    directory = find_checkpoint(path)
+    device = torch.device(device)
+    if is_quantized_checkpoint(directory):
+        source = PrequantizedSource(directory, device)
+        report = LoadReport(path=directory, policy=source.policy_name, prequantized=True)
+        return stream_into_model(directory, source, device, source.dtype_for, source.make_placer, progress, report)
+    policy = as_policy(policy, device.type)
+    if dtype is not None:
+        policy = policy.with_dtype(dtype)
+    report = LoadReport(path=directory, policy=policy.name)
+    return stream_into_model(directory, ShardSource(directory), device, policy.dtype_for,
+                             lambda model: StreamingQuantizer(model, policy, device), progress, report)

@@ -40,3 +40,19 @@ def image_ids(rows: int, cols: int, index: int = 0, device: torch.device | None 
 def to_uint8(decoded: torch.Tensor) -> torch.Tensor:
     """[1, 3, H, W] in about [-1, 1] -> [H, W, 3] uint8, truncating 127.5*(x+1) as the reference does."""
     return (127.5 * (decoded.float().clamp(-1, 1) + 1.0)).to(torch.uint8)[0].permute(1, 2, 0).contiguous()
+
+
+#: A linear latent -> RGB map for previews: the coefficients published for the SDXL VAE (ComfyUI's
+#: latent2rgb), whose 4-channel latent space and 0.13025 scale Ovis-U1's VAE shares. An approximation:
+#: enough to watch a run converge, never used for an output.
+PREVIEW_RGB_FACTORS = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+                       (-0.3165, -0.2492, -0.2188))
+PREVIEW_RGB_BIAS = (0.1084, -0.0175, -0.0011)
+
+
+def preview_rgb(latent: torch.Tensor) -> torch.Tensor:
+    """[1, 4, h, w] scaled latent -> [h, w, 3] uint8, with no VAE (one 4x3 matrix per pixel)."""
+    factors = torch.tensor(PREVIEW_RGB_FACTORS, dtype=torch.float32, device=latent.device)
+    bias = torch.tensor(PREVIEW_RGB_BIAS, dtype=torch.float32, device=latent.device)
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float(), factors) + bias
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).cpu()

@@ -12,19 +12,22 @@ math-path SDPA, the VAE's full-resolution feature maps).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from offload import UnitSpec, build_units
 from offload.units import Unit
 
+from lite.model.architecture import OVIS_U1
 from lite.model.config import OvisU1Config, PreprocessorConfig
-from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.processing import edit_output_size, smart_resize, t2i_size
 
-PHASES = ("conditions", "denoise", "decode")
+if TYPE_CHECKING:
+    from lite.model.modeling_ovis_u1 import OvisU1
+
 TASKS = ("understand", "t2i", "edit")
-CFG_PASSES = {"t2i": 2, "edit": 3}
+CFG_PASSES = OVIS_U1.cfg_passes
 GENERATION_PROMPT_TOKENS = 64  # the text around an image in a generation condition
 UNDERSTAND_PROMPT_TOKENS = 256
 
@@ -159,11 +162,6 @@ def activation_bytes(cfg: OvisU1Config, pp: PreprocessorConfig, wl: Workload) ->
     return act
 
 
-def components(model: OvisU1) -> dict[str, nn.Module]:
-    return {"llm": model.llm, "vision": model.visual_tokenizer.backbone, "visual_head": model.visual_tokenizer.head,
-            "vte": model.vte, "yak": model.visual_generator.backbone, "vae": model.visual_generator.vae}
-
-
 def unit_specs(wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[UnitSpec]:
     """Blocks of the LLM, ViT and Yak page one (group) at a time; the small pieces are whole units.
 
@@ -174,15 +172,16 @@ def unit_specs(wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[Uni
     cond_uses = CFG_PASSES.get(wl.task, 1) if gen else 1 + wl.max_new_tokens
     denoise = wl.model_evaluations if gen else 0
     vision_phase = ("conditions",)
+    (llm_blocks,), (vit_blocks,), (double, single) = (OVIS_U1.block_lists[c] for c in ("llm", "vision", "yak"))
     return [
-        UnitSpec("llm", "model.layers", llm_group, ("conditions",), cond_uses),
+        UnitSpec("llm", llm_blocks, llm_group, ("conditions",), cond_uses),
         UnitSpec("llm", None, 1, ("conditions",), cond_uses),
-        UnitSpec("vision", "trunk.blocks", 6, vision_phase, CFG_PASSES.get(wl.task, 1)),
+        UnitSpec("vision", vit_blocks, 6, vision_phase, CFG_PASSES.get(wl.task, 1)),
         UnitSpec("vision", None, 1, vision_phase, CFG_PASSES.get(wl.task, 1)),
         UnitSpec("visual_head", None, 1, vision_phase, CFG_PASSES.get(wl.task, 1)),
         UnitSpec("vte", None, 1, ("conditions",), cond_uses),
-        UnitSpec("yak", "double_blocks", yak_group, ("denoise",), max(denoise, 1)),
-        UnitSpec("yak", "single_blocks", 3 * yak_group, ("denoise",), max(denoise, 1)),
+        UnitSpec("yak", double, yak_group, ("denoise",), max(denoise, 1)),
+        UnitSpec("yak", single, 3 * yak_group, ("denoise",), max(denoise, 1)),
         # The rest holds the token refiner, which runs while the conditions are built.
         UnitSpec("yak", None, 1, ("conditions", "denoise") if gen else ("denoise",), max(denoise, 1)),
         UnitSpec("vae", None, 1, ("decode",), 2 if wl.task == "edit" else 1),
@@ -190,7 +189,7 @@ def unit_specs(wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[Uni
 
 
 def ovis_units(model: OvisU1, wl: Workload, llm_group: int = 4, yak_group: int = 1) -> list[Unit]:
-    return build_units(components(model), unit_specs(wl, llm_group, yak_group))
+    return build_units(OVIS_U1.component_modules(model), unit_specs(wl, llm_group, yak_group))
 
 
 def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, int] | None) -> list[Unit]:
@@ -208,22 +207,3 @@ def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, in
         owners = {names.get(id(slot.module), "") for slot in u.slots}
         out.append(replace(u, nbytes=sum(module_bytes.get(name, 0) for name in owners)))
     return out
-
-
-def plan_units(model: OvisU1, wl: Workload, act: dict[str, int], budget: int, prefetch_depth: int = 1,
-               module_bytes: dict[str, int] | None = None) -> tuple[list[Unit], Any]:
-    """Units and the offload plan for `budget`, trying LLM groups of 4, 2, then 1 layers.
-
-    Bigger groups mean fewer transfers; smaller ones fit tighter budgets. When none fits, the
-    BudgetError with the smallest minimum is raised, so the message names the best that could work.
-    """
-    from offload import BudgetError, plan
-
-    error: BudgetError | None = None
-    for llm_group in (4, 2, 1):
-        units = resize_units(ovis_units(model, wl, llm_group=llm_group), model, module_bytes)
-        try:
-            return units, plan(budget, units, act, max_prefetch_depth=prefetch_depth)
-        except BudgetError as exc:
-            error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
-    raise error  # type: ignore[misc]

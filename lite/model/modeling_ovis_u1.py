@@ -17,28 +17,11 @@ from torch import nn
 from transformers import Qwen3ForCausalLM
 
 from lite.model.config import OvisU1Config
-from lite.model.modeling_aimv2 import INDICATOR_IDS, VisualEmbedding, VisualTokenizer, indicator_rows
+from lite.model.architecture import OVIS_U1, Architecture
+from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer, indicator_rows
 from lite.model.modeling_yak import YakTransformer
 
-IMAGE_ATOM_ID = -300
-COMPONENTS = ("llm", "vision", "visual_head", "vte", "yak", "vae")
-COMPONENT_PREFIXES = {
-    "llm": "llm.",
-    "vision": "visual_tokenizer.backbone.",
-    "visual_head": "visual_tokenizer.head.",
-    "vte": "vte.",
-    "yak": "visual_generator.backbone.",
-    "vae": "visual_generator.vae.",
-}
-TIED_KEYS = ("llm.lm_head.weight",)
-
-
-def component_of(name: str) -> str:
-    """Which component a state-dict key belongs to."""
-    for component, prefix in COMPONENT_PREFIXES.items():
-        if name.startswith(prefix):
-            return component
-    raise KeyError(name)
+TIED_KEYS = OVIS_U1.tied_weights_keys
 
 
 class VisualGenerator(nn.Module):
@@ -49,6 +32,10 @@ class VisualGenerator(nn.Module):
 
 
 class OvisU1(nn.Module):
+    #: components, module paths, block lists, tied keys, bf16 layers, special ids (lite/model/architecture.py)
+    architecture: Architecture = OVIS_U1
+    _tied_weights_keys = OVIS_U1.tied_weights_keys
+
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
         self.config = config
@@ -75,11 +62,11 @@ class OvisU1(nn.Module):
         embed = self.llm.get_input_embeddings()
         text = embed(input_ids.clamp(min=0))
         indicators = self.indicator_embeddings().to(text.dtype)
-        for i, ind in enumerate(INDICATOR_IDS):
+        for i, ind in enumerate(self.architecture.indicator_ids):
             mask = input_ids == ind
             if mask.any():
                 text[mask] = indicators[i]
-        atoms = (input_ids == IMAGE_ATOM_ID).nonzero().flatten().tolist()
+        atoms = (input_ids == self.architecture.image_atom_id).nonzero().flatten().tolist()
         if len(atoms) != len(visual):
             raise ValueError(f"prompt has {len(atoms)} image placeholders but {len(visual)} images were given")
         pieces, start = [], 0

@@ -8,19 +8,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from lite.model.architecture import OVIS_U1
 from lite.model.config import PreprocessorConfig
 from lite.errors import InputError
 
 IMAGE_TOKEN = "<image>"
-IMAGE_PLACEHOLDER = (-301, -300, -302)
-MAX_INPUT_PIXELS = 40_000_000
-MAX_ASPECT = 200
+IMAGE_PLACEHOLDER = OVIS_U1.image_placeholder
+MAX_ASPECT = 200  # smart_resize clamps more extreme aspect ratios
 
 T2I_PREFIX = ("Describe the image by detailing the color, shape, size, texture, quantity, text, "
               "and spatial relationships of the objects:")
@@ -84,41 +83,6 @@ def t2i_size(width: int, height: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Images.
 # ---------------------------------------------------------------------------------------------
-
-def load_image(path: str | Path) -> Image.Image:
-    """Open a user image as RGB (alpha dropped, no EXIF rotation, like the reference)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"image file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{path} is a directory, not an image file")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > MAX_INPUT_PIXELS:
-                raise InputError(f"image {path} is {w}x{h} ({w * h / 1e6:.1f} MP): over the "
-                                 f"{MAX_INPUT_PIXELS / 1e6:.0f} MP limit; downscale it first")
-            if w < 1 or h < 1:
-                raise InputError(f"image {path} has zero size ({w}x{h})")
-            rgb = img.convert("RGB")
-            rgb.load()
-    except InputError:
-        raise
-    except PermissionError:
-        raise InputError(f"image file is not readable (permission denied): {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"cannot read image {path}: not a valid image file ({type(exc).__name__})") from None
-    return validate_image(rgb, str(path))
-
-
-def validate_image(img: Image.Image, name: str = "image") -> Image.Image:
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise InputError(f"{name} has zero size ({w}x{h})")
-    if w * h > MAX_INPUT_PIXELS:
-        raise InputError(f"{name} is {w}x{h}: over the {MAX_INPUT_PIXELS / 1e6:.0f} MP limit; downscale it first")
-    return img.convert("RGB") if img.mode != "RGB" else img
-
 
 def white_canvas(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), (255, 255, 255))
@@ -212,12 +176,23 @@ def user_turn(content: str) -> str:
 
 
 def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> str:
-    """Previous turns, then the question, then an assistant turn with an empty think block."""
+    """Previous turns, then the question, then an assistant turn with an empty think block.
+
+    As the reference's Qwen3 formatter writes them, earlier answers carry the empty think block too
+    (`enable_thinking=False`); `num_images` counts the current question's images only.
+    """
     text = ""
     for turn in history or []:
         text += user_turn(image_content(turn.question, turn.num_images))
-        text += f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"
+        text += f"<|im_start|>assistant\n{THINK_EMPTY}{turn.answer}<|im_end|>\n"
     return text + user_turn(image_content(question, num_images)) + "<|im_start|>assistant\n" + THINK_EMPTY
+
+
+def unconditional(negative_prompt: str) -> str:
+    """The text of the unconditional guidance branches: the reference's, unless a negative prompt replaces it."""
+    if not isinstance(negative_prompt, str):
+        raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+    return negative_prompt.strip() or UNCONDITIONAL_PROMPT
 
 
 def generation_prompt(content: str) -> str:

@@ -16,7 +16,7 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
 
     Not AutoTokenizer: it reads config.json, sees the reference's `auto_map` and stops to ask
     about remote code. And `Qwen2TokenizerFast(vocab_file=..., merges_file=...)` silently builds
-    an empty tokenizer (deps.md §2), so the result is checked rather than trusted.
+    an empty tokenizer (docs/deps.md §2), so the result is checked rather than trusted.
     """
     directory = Path(directory)
     has_files = (directory / "tokenizer.json").exists() or (

@@ -24,10 +24,13 @@ from .schedules import (
     spacing_grid,
     time_shift_mu,
 )
+from .guidance import Guidance, guided_nfe
 from .solvers import SOLVERS, Callback, Velocity, check_solver, nfe, run_solver
 
 __all__ = [
     "SOLVERS",
+    "Guidance",
+    "guided_nfe",
     "SPACINGS",
     "sample",
     "nfe",

@@ -9,13 +9,21 @@ weight directly; int4 payloads are unpacked in pure torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import math
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .spec import dtype_from_name, dtype_name, effective_group_size
+from ..int8 import SCALE_DTYPE, Int8Linear
+from ..errors import QuantFormatError
+from ..spec import QuantSpec, dtype_from_name, dtype_name, effective_group_size
+from .base import LayerKind, Shape, element_size, layout
 
+name = "quanto"
+formats: tuple[str, ...] = ("int4", "int8", "fp8")
+auto: dict[str, tuple[str, int]] = {"nf4": ("int4", 1), "fp4": ("int4", 1), "int4": ("int4", 0),
+                                    "int8": ("int8", 0), "fp8": ("fp8", 0)}
 QTYPE_NAMES: dict[str, str] = {"int4": "qint4", "int8": "qint8", "fp8": "qfloat8_e4m3fn"}
 _quanto: Any = None
 _import_error: str | None = None
@@ -73,11 +81,17 @@ def _finish(layer: nn.Module, qweight: torch.Tensor, bias: torch.Tensor | None, 
     return layer
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
-          compute_dtype: torch.dtype, group_size: int = 128) -> nn.Module:
+def kind(module: nn.Module) -> LayerKind:
+    return LayerKind(format_of(module), name, group_size_of(module))
+
+
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+          compute_dtype: torch.dtype) -> nn.Module:
     """Quantize one weight into a frozen quanto QLinear on `device`, base dtype = compute_dtype."""
     q = _load()
     from optimum.quanto.tensor import AbsmaxOptimizer, MaxOptimizer, quantize_weight
+
+    group_size = spec.group_size
 
     out_features, in_features = weight.shape
     qtype = q.qtypes[QTYPE_NAMES[fmt]]
@@ -130,8 +144,51 @@ def _unpack_uint4(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([packed & 0x0F, (packed >> 4) & 0x0F])[:rows]
 
 
-def restore(entry: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
-    """Rebuild a frozen QLinear from a payload, picking the device's best kernel, no fp weight."""
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+                  device_type: str) -> dict[str, int]:
+    """int8/fp8: 1-byte [N, K] + scale [N, 1] + two scalar activation scales. int4: uint4 pairs, scale
+    and shift per group (TinyGemm interleaves them [K/128, N, 2]; same bytes), or per row."""
+    elt = element_size(compute_dtype)
+    bias_bytes = n * elt if bias else 0
+    act_scales = 2 * elt
+    if fmt in ("int8", "fp8"):
+        return layout(n * k, scales=n * elt, bias=bias_bytes, other=act_scales)
+    gs = effective_group_size(k, spec.group_size)
+    if gs is not None and tinygemm_ok(n, k, gs, compute_dtype, device_type):
+        groups = n * (k // gs)
+        return layout(n * k // 2, scales=groups * elt, zeros=groups * elt, bias=bias_bytes, other=act_scales)
+    rows, cols = (n, k) if gs is None else (n * k // gs, gs)
+    return layout(math.ceil(rows / 2) * cols, scales=rows * elt, zeros=rows * elt, bias=bias_bytes, other=act_scales)
+
+
+def expected(entry: Mapping[str, Any]) -> dict[str, tuple[Shape, torch.dtype]]:
+    n, k = entry["shape"]
+    fmt = entry["format"]
+    dt = dtype_from_name(entry["dtype"])
+    if fmt == "int4":
+        gs = entry.get("group_size")
+        rows, cols = (n * k // gs, gs) if gs else (n, k)
+        out: dict[str, tuple[Shape, torch.dtype]] = {"qweight": ((math.ceil(rows / 2), cols), torch.uint8),
+                                                     "scale": ((rows, 1), dt), "shift": ((rows, 1), dt)}
+    else:
+        out = {"qweight": ((n, k), torch.int8 if fmt == "int8" else torch.float8_e4m3fn), "scale": ((n, 1), dt)}
+    if entry["bias"]:
+        out["bias"] = ((n,), dt)
+    return out
+
+
+def restore(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Rebuild a frozen QLinear from a payload, picking the device's best kernel, no fp weight.
+
+    Where quanto is missing, an int8 payload becomes a torch `Int8Linear` (the same math)."""
+    why = unavailable_reason(device)
+    if why is not None:
+        if entry["format"] == "int8":
+            dt = dtype_from_name(entry["dtype"])
+            return Int8Linear(tensors["qweight"].to(device), tensors["scale"].reshape(-1).to(device, SCALE_DTYPE),
+                              None if "bias" not in tensors else tensors["bias"].to(device), dt)
+        raise QuantFormatError(f"quanto {entry['format']} payload cannot load on {device} ({why}); "
+                               "install optimum-quanto or re-export with format int8")
     q = _load()
     from optimum.quanto.tensor import WeightQBitsTensor, WeightQBytesTensor
     from optimum.quanto.tensor.grouped import grouped_shape

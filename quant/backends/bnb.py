@@ -2,21 +2,27 @@
 
 Every layer gets `support_avx512bf16_for_cpu = False`: on AVX512-BF16 CPUs bnb otherwise
 repacks the weight in place on the first forward and then corrupts non-double-quant layers
-when they are saved or moved (deps.md §3).
+when they are saved or moved (docs/deps.md §3).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import importlib
-from typing import Any
+import io
+import math
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .spec import BNB_BLOCKSIZE, dtype_from_name, dtype_name
+from ..errors import QuantFormatError
+from ..spec import BNB_BLOCKSIZE, QuantSpec, dtype_from_name, dtype_name
+from .base import LayerKind, Shape, element_size, layout
 
+name = "bnb"
+formats: tuple[str, ...] = ("nf4", "fp4")
+auto: dict[str, tuple[str, int]] = {"nf4": ("nf4", 0), "fp4": ("fp4", 0)}
 SUPPORTED_DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu")
 _bnb: Any = None
 _import_error: str | None = None
@@ -60,10 +66,15 @@ def _empty_layer(in_features: int, out_features: int, bias: bool, fmt: str, comp
     return layer
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
-          compute_dtype: torch.dtype, double_quant: bool = False) -> nn.Module:
+def kind(module: nn.Module) -> LayerKind:
+    return LayerKind(module.weight.quant_type, name)
+
+
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+          compute_dtype: torch.dtype) -> nn.Module:
     """Quantize one weight on `device` into a Linear4bit (the fp copy lives only during the call)."""
     bnb = _load()
+    double_quant = spec.double_quant
     out_features, in_features = weight.shape
     layer = _empty_layer(in_features, out_features, bias is not None, fmt, compute_dtype, double_quant)
     w = weight.detach().to(device=device, dtype=compute_dtype)
@@ -94,8 +105,42 @@ def export(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, fields
 
 
-def restore(entry: dict[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+                  device_type: str) -> dict[str, int]:
+    """uint4 pairs of the flattened weight + fp32 absmax per 64-block + a 16-entry fp32 code; with double
+    quant absmax is uint8 plus nested fp32 absmax per 256 blocks, a 256-entry code and an fp32 offset."""
+    numel = n * k
+    blocks = math.ceil(numel / BNB_BLOCKSIZE)
+    bias_bytes = n * element_size(compute_dtype) if bias else 0
+    if spec.double_quant:
+        return layout(math.ceil(numel / 2), scales=blocks + math.ceil(blocks / 256) * 4 + 4, bias=bias_bytes,
+                      other=16 * 4 + 256 * 4)
+    return layout(math.ceil(numel / 2), scales=blocks * 4, bias=bias_bytes, other=16 * 4)
+
+
+def expected(entry: Mapping[str, Any]) -> dict[str, tuple[Shape, torch.dtype]]:
+    n, k = entry["shape"]
+    blocks = math.ceil(n * k / int(entry["blocksize"]))
+    out: dict[str, tuple[Shape, torch.dtype]] = {"qweight": ((math.ceil(n * k / 2), 1), torch.uint8),
+                                                 "quant_map": ((16,), torch.float32)}
+    if entry["double_quant"]:
+        out["absmax"] = ((blocks,), torch.uint8)
+        out["nested_absmax"] = ((math.ceil(blocks / int(entry["nested_blocksize"])),), torch.float32)
+        out["nested_quant_map"] = ((256,), torch.float32)
+        out["nested_offset"] = ((), torch.float32)
+    else:
+        out["absmax"] = ((blocks,), torch.float32)
+    if entry["bias"]:
+        out["bias"] = ((n,), dtype_from_name(entry["compute_dtype"]))
+    return out
+
+
+def restore(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """Rebuild a Linear4bit from an exported payload without any full-precision weight."""
+    why = unavailable_reason(device)
+    if why is not None:
+        raise QuantFormatError(f"bnb {entry['format']} payload cannot load on {device} ({why}); load it where "
+                               "bitsandbytes runs (cpu/cuda/xpu) or re-export with format int4 (quanto)")
     bnb = _load()
     out_features, in_features = entry["shape"]
     compute_dtype = dtype_from_name(entry["compute_dtype"])

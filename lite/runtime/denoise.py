@@ -1,0 +1,76 @@
+"""The denoising loop of Ovis-U1: Yak velocities under 2-pass (t2i) or 3-pass (edit) classifier-free
+guidance, integrated by any solver of `lite.sampling` (spec §3.8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lite.errors import Cancelled
+from lite.model import latents
+from lite.model.modeling_yak import RefinedText, YakTransformer
+from lite.model.config import YakConfig
+from lite.sampling import Guidance, make_timesteps, reference_schedule, sample, time_shift_mu
+
+#: Called after each denoising step with the current (unpacked, scaled) latent; False stops the run.
+StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+@dataclass
+class Condition:
+    """A refined LLM condition plus, for edits, the packed condition-image latent."""
+
+    text: RefinedText
+    cond_latent: torch.Tensor | None = None
+    cond_ids: torch.Tensor | None = None
+    table: torch.Tensor | None = None  # RoPE table, built on first use and reused every step
+
+
+def guided_denoise(yak: YakTransformer, x: torch.Tensor, rows: int, cols: int, conditions: dict[str, Condition],
+                   guidance: Guidance, timesteps: list[float], solver: str, on_step: Callable[[], None],
+                   callback: StepCallback | None = None) -> tuple[torch.Tensor, int]:
+    """The final packed latent and the number of Yak evaluations it took.
+
+    t2i: v = v_nb + s_t (v_c - v_nb); edit: v = v_nb + s_i (v_nt - v_nb) + s_t (v_c - v_nt); outside the
+    guidance interval only the conditional pass runs.
+    """
+    img_ids = latents.image_ids(rows, cols, device=x.device)
+    calls = 0
+
+    def f(x_t: torch.Tensor, t_vec: torch.Tensor, cond: Condition) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        ids = img_ids if cond.cond_latent is None else torch.cat([img_ids, cond.cond_ids], 1)
+        if cond.table is None:
+            cond.table = yak.rope(cond.text.txt_fea.shape[1], ids)
+        return yak(x_t, img_ids, cond.text, t_vec, cond.cond_latent, cond.cond_ids, table=cond.table)
+
+    def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
+        t_vec = torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device)
+        v_c = f(x_t, t_vec, conditions["cond"])
+        if not guidance.active(t):
+            return v_c
+        v_nb = f(x_t, t_vec, conditions["no_both"])
+        if "no_txt" not in conditions:
+            return v_nb + guidance.txt_cfg * (v_c - v_nb)
+        v_nt = f(x_t, t_vec, conditions["no_txt"])
+        return v_nb + guidance.img_cfg * (v_nt - v_nb) + guidance.txt_cfg * (v_c - v_nt)
+
+    total = len(timesteps) - 1
+
+    def step(i: int, _t: float, current: torch.Tensor) -> None:
+        on_step()
+        if callback is not None and callback(i + 1, total, latents.unpack(current, rows, cols)) is False:
+            raise Cancelled(f"stopped by the step callback after step {i + 1} of {total}")
+
+    return sample(velocity, x, None, solver=solver, timesteps=timesteps, callback=step), calls
+
+
+def flow_timesteps(cfg: YakConfig, steps: int, n_tokens: int, spacing: str = "linear") -> list[float]:
+    """The reference's shifted schedule for `linear`; the same μ shift for other spacings."""
+    if spacing == "linear":
+        return reference_schedule(steps, n_tokens, cfg.base_shift, cfg.max_shift, shift=cfg.timestep_shift)
+    mu = time_shift_mu(n_tokens, cfg.base_shift, cfg.max_shift) if cfg.timestep_shift else None
+    return list(make_timesteps(steps, spacing, mu))

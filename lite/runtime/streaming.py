@@ -1,0 +1,49 @@
+"""Streaming an LLM answer token by token from a worker thread, and stopping it cleanly.
+
+transformers' `generate` blocks, so it runs in a thread that feeds a `TextIteratorStreamer`. A consumer
+that stops early (a closed pipe, Ctrl-C, a disconnected client) sets a flag that a stopping criterion
+reads at the next token, and the worker is joined: no thread is left running at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, stop: threading.Event, stats: Any) -> None:
+        self.stop, self.stats = stop, stats
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        self.stats.tokens = int(input_ids.shape[-1])
+        return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_tokens(llm: Any, tokenizer: Any, kwargs: dict[str, Any], stats: Any) -> Iterator[str]:
+    """Text pieces of `llm.generate(**kwargs)` as they are decoded; `stats.tokens` counts generated tokens."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    error: list[BaseException] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                llm.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop, stats)]))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        worker.join()
+    if error:
+        raise error[0]

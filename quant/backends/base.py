@@ -1,0 +1,85 @@
+"""The interface every quantization backend implements: one file per backend, one line in the registry.
+
+A backend turns one `[out, in]` weight into a layer (`build`), recognises its own layers (`owns`,
+`kind`), states the exact bytes a layer will occupy from shapes alone (`layout_nbytes`, used on
+`meta` models before any weight is read), and writes and reads a portable payload (`export`,
+`expected`, `restore`) for pre-quantized checkpoints. `auto` ranks it in the auto chain: requested
+format -> (format it provides, priority); lower priority is tried first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..spec import QuantSpec
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What a layer really is after quantization (the requested format may have fallen back)."""
+
+    format: str
+    backend: str
+    group_size: int | None = None
+
+
+def layout(packed: int, scales: int = 0, zeros: int = 0, bias: int = 0, other: int = 0) -> dict[str, int]:
+    """The byte breakdown every `layout_nbytes` returns."""
+    return {"packed": packed, "scales": scales, "zeros": zeros, "bias": bias, "other": other,
+            "total": packed + scales + zeros + bias + other}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """Copy a CPU tensor whose data is not `alignment`-byte aligned (safetensors mmaps only promise 8).
+
+    Why: torch 2.13's packed-weight CPU kernels (`_weight_int8pack_mm`, used by quanto) segfault on
+    weights that are 8- but not 64-aligned. Aligned tensors stay zero-copy.
+    """
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % alignment:
+        return t.clone()
+    return t
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    #: formats it implements when asked for explicitly
+    formats: tuple[str, ...]
+    #: requested format -> (format it provides, priority) when the backend is "auto"
+    auto: Mapping[str, tuple[str, int]]
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when it can build layers on `device`, else a short reason (library missing, device refused)."""
+
+    def owns(self, module: nn.Module) -> bool:
+        """True for a layer this backend built."""
+
+    def kind(self, module: nn.Module) -> LayerKind:
+        """Format and group size of one of its layers."""
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
+              spec: QuantSpec, compute_dtype: torch.dtype) -> nn.Module:
+        """One frozen layer from one weight; only this weight is held in full precision meanwhile."""
+
+    def layout_nbytes(self, n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+                      device_type: str) -> dict[str, int]:
+        """Exact bytes of the layer `build` makes for an [n, k] weight on `device_type` (see `layout`)."""
+
+    def export(self, module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(payload tensors, manifest fields) of one of its layers."""
+
+    def expected(self, entry: Mapping[str, Any]) -> dict[str, tuple[Shape, torch.dtype]]:
+        """component -> (shape, dtype) a valid payload for this manifest entry must have."""
+
+    def restore(self, entry: Mapping[str, Any], payload: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+        """Rebuild a layer from a validated payload without creating a full-precision weight."""
