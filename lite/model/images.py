@@ -126,3 +126,14 @@ def as_image(value: object, name: str = "image") -> Image.Image:
         return load_image(value)
     raise ArgumentTypeError(f"{name} must be an image file path or a PIL.Image.Image, got {type(value).__name__}"
                             + (f" {shown(value)}" if value is None or isinstance(value, (int, float, bytes)) else ""))
+
+
+def as_images(value: object, name: str = "images") -> list[Image.Image]:
+    """An image, a path, or a list/tuple of them (None: no images) -> RGB images, each checked."""
+    if value is None:
+        return []
+    if isinstance(value, (Image.Image, str, os.PathLike)):
+        value = [value]
+    elif not isinstance(value, (list, tuple)):
+        raise ArgumentTypeError(f"{name} must be an image, a path, or a list of them, got {type(value).__name__}")
+    return [as_image(item, f"{name}[{i}]") for i, item in enumerate(value)]

@@ -35,7 +35,8 @@ from lite.model.checkpoint import find_checkpoint, load_quantized_model, named_t
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import Precision, QuantPolicy, as_policy
 from lite.model.quantize import ModelQuantReport
-from lite.model.shards import INDEX_FILE, list_names
+from lite.model.config_fields import read_json_file
+from lite.model.shards import INDEX_FILE, check_finite_tensor, contained_file, list_names
 
 VTE_NAME = OVIS_U1.vte_module
 
@@ -163,36 +164,7 @@ def save_quantized_checkpoint(model_dir: str | os.PathLike[str] | None, policy_n
 def read_checkpoint_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a pre-quantized checkpoint, structurally validated (one-line errors)."""
     path = Path(directory) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise QuantizedCheckpointError(f"{path} cannot be read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QuantizedCheckpointError(f"{path} is corrupt: not valid JSON ({exc}); re-run ovis-lite quantize") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise QuantizedCheckpointError(f"{path} is not an ovis-lite quantized-checkpoint manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise QuantizedCheckpointError(f"{path} has manifest version {manifest.get('version')!r}; this ovis-lite reads "
-                                       f"version {MANIFEST_VERSION}; re-run ovis-lite quantize")
-    if manifest.get("versions", {}).get("quant_format") != QUANT_FORMAT_VERSION:
-        raise QuantizedCheckpointError(f"{path} uses quant payload format "
-                                       f"{manifest.get('versions', {}).get('quant_format')!r}, expected "
-                                       f"{QUANT_FORMAT_VERSION!r}; re-run ovis-lite quantize")
-    for key, kind in (("modules", dict), ("lite_modules", dict), ("unquantized", dict), ("weight_map", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise QuantizedCheckpointError(f"{path} is corrupt: {key!r} is missing or not an object")
-    return manifest
-
-
-def read_checkpoint_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a pre-quantized checkpoint, structurally validated (one-line errors)."""
-    path = Path(directory) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as exc:
-        raise QuantizedCheckpointError(f"{path} cannot be read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QuantizedCheckpointError(f"{path} is corrupt: not valid JSON ({exc}); re-run ovis-lite quantize") from None
+    manifest = read_json_file(path, QuantizedCheckpointError, "quantized-checkpoint manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise QuantizedCheckpointError(f"{path} is not an ovis-lite quantized-checkpoint manifest")
     if manifest.get("version") != MANIFEST_VERSION:
@@ -217,14 +189,22 @@ class PrequantizedSource:
         self.manifest = read_checkpoint_manifest(directory)
         self.policy_name = str(self.manifest.get("policy"))
         config_file = directory / "config.json"
-        if hashlib.sha256(config_file.read_bytes()).hexdigest() != self.manifest.get("config_sha256"):
+        try:
+            config_hash = hashlib.sha256(config_file.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise QuantizedCheckpointError(f"cannot read {config_file}: {exc.strerror or type(exc).__name__}") from None
+        if config_hash != self.manifest.get("config_sha256"):
             raise QuantizedCheckpointError(f"{directory}: config.json does not match the one {MANIFEST_FILE} was "
                                            "written for; re-run ovis-lite quantize")
         self.by_file: dict[Path, list[str]] = {}
         self.headers: dict[str, tuple[str, tuple[int, ...]]] = {}
         for key, fname in self.manifest["weight_map"].items():
-            if not isinstance(fname, str) or Path(fname).name != fname:
-                raise QuantizedCheckpointError(f"{directory}: {MANIFEST_FILE} names shard {fname!r} outside the folder")
+            if not isinstance(key, str) or not isinstance(fname, str):
+                raise QuantizedCheckpointError(f"{directory}: {MANIFEST_FILE} weight_map must map names to file names")
+            try:
+                contained_file(directory, fname, f"shard named in {MANIFEST_FILE}")
+            except CheckpointError as exc:
+                raise QuantizedCheckpointError(str(exc)) from None
             self.by_file.setdefault(directory / fname, []).append(key)
         for file, keys in self.by_file.items():
             if not file.is_file():
@@ -270,7 +250,9 @@ class PrequantizedSource:
         for file, keys in self.by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for key in sorted(keys):
-                    yield key, f.get_tensor(key)
+                    tensor = f.get_tensor(key)
+                    check_finite_tensor(key, tensor, file)
+                    yield key, tensor
 
 
 class PrequantizedPlacer:

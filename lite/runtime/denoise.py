@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from lite.errors import Cancelled
+from lite.errors import Cancelled, InputError
 from lite.model import latents
 from lite.model.modeling_yak import RefinedText, YakTransformer
 from lite.model.config import YakConfig
-from lite.sampling import Guidance, make_timesteps, reference_schedule, sample, time_shift_mu
+from lite.sampling import SOLVERS, SPACINGS, Guidance, make_timesteps, reference_schedule, sample, time_shift_mu
+from lite.validation import check_interval, check_steps
 
+#: "the preset's" sampling (or the reference's 50 Euler steps without a preset)
+PRESET: Literal["preset"] = "preset"
 #: Called after each denoising step with the current (unpacked, scaled) latent; False stops the run.
 StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
 
@@ -74,3 +78,19 @@ def flow_timesteps(cfg: YakConfig, steps: int, n_tokens: int, spacing: str = "li
         return reference_schedule(steps, n_tokens, cfg.base_shift, cfg.max_shift, shift=cfg.timestep_shift)
     mu = time_shift_mu(n_tokens, cfg.base_shift, cfg.max_shift) if cfg.timestep_shift else None
     return list(make_timesteps(steps, spacing, mu))
+
+
+def resolve_sampling(defaults: dict[str, Any], steps: int | None, solver: str | None, spacing: str | None,
+                     cfg_interval: Any) -> tuple[int, str, str, tuple[float, float] | None]:
+    """The sampler a call runs: what it was told, else `defaults` (the preset's or the reference's), checked."""
+    steps = defaults["steps"] if steps is None else steps
+    solver = defaults["solver"] if solver is None else solver
+    spacing = defaults["spacing"] if spacing is None else spacing
+    interval = defaults["cfg_interval"] if isinstance(cfg_interval, str) and cfg_interval == PRESET else cfg_interval
+    interval = check_interval("cfg_interval", interval)
+    check_steps(steps)
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if spacing not in SPACINGS:
+        raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return steps, solver, spacing, interval

@@ -16,6 +16,7 @@ import torch
 from offload import BudgetError, Plan, SequentialOffloader, attach_offload, module_nbytes
 
 from lite.errors import InputError
+from lite.memory import format_bytes
 from lite.model.config import PreprocessorConfig
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -106,15 +107,15 @@ class OffloadSession:
             torch.cuda.empty_cache()
         failed = self._failed_plan_bytes()
         budget = self._retry_budget(wl, failed)
-        self.notify(f"out of device memory with a {failed / 2**30:.2f} GiB plan; retrying once "
-                    f"with a {budget / 2**30:.2f} GiB plan")
+        self.notify(f"out of device memory with a {format_bytes(failed)} plan; retrying once "
+                    f"with a {format_bytes(budget)} plan")
         settings = self.settings or OffloadSettings(budget)
         self.enable(budget, settings.prefetch_depth, settings.simulate)
         self.prepare(wl)
         try:
             return task()
         except torch.OutOfMemoryError:
-            raise InputError(f"out of device memory even with a {budget / 2**30:.2f} GiB plan; "
+            raise InputError(f"out of device memory even with a {format_bytes(budget)} plan; "
                              f"choose a smaller preset or resolution") from None
 
     def _failed_plan_bytes(self) -> int:

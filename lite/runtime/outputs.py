@@ -1,79 +1,397 @@
-"""Writing results safely: atomic writes, no silent overwrite, PNG text metadata that tools can read."""
+"""Writing results safely, and reading their metadata back (from files anyone may have written).
+
+Before any model loads, `check_output_path` proves the output can be written: a known format, a
+name that fits the filesystem, a folder that exists or can be created and that really accepts a
+new file (a read-only mount or an immutable folder is caught by creating and removing a probe
+file), and, without overwrite, a name that does not exist yet (a dangling symlink counts, as in cp).
+
+At the write the image is encoded in memory, written to a temp file in the same folder and
+fsynced; then, without overwrite, it is hard-linked to the final name (link fails if the name
+exists, so of two concurrent writers exactly one wins), with `O_EXCL` creation where a filesystem
+has no hard links; with overwrite, it is renamed over the old file. Any failure (a full disk
+included) leaves no partial or temp file and the user's existing file untouched. New files get
+the mode the user's umask gives any new file.
+
+Metadata: PNG tEXt chunks (one per field, plus the whole set as JSON under `ovis-lite`); JPEG a
+COM (comment) segment, WebP an XMP packet, both holding the same JSON. `read_metadata` reads all three.
+"""
 
 from __future__ import annotations
 
+import errno
+import html
+import io
 import json
 import os
+import re
 import tempfile
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from lite import __version__
-from lite.errors import InputError, OutputError
+from lite.errors import ArgumentTypeError, InputError, OutputError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 METADATA_KEY = "ovis-lite"
+#: JPEG COM payload prefix, so that `read_metadata` knows a comment is ours.
+JPEG_COMMENT_PREFIX = b"ovis-lite "
+JPEG_COMMENT_MAX = 65533 - len(JPEG_COMMENT_PREFIX)  # one COM segment
+XMP_NS = "https://github.com/ovis-lite/ns/1.0/"
+MAX_METADATA_BYTES = 1 << 20  # PIL's MAX_TEXT_CHUNK: nothing we write is near it
+MAX_METADATA_DEPTH = 32  # nesting levels `read_metadata` accepts (ours has 2)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """Refuse before any work is done: an unknown format, a directory, or an existing file."""
+# ---------------------------------------------------------------------------------------------
+# Before the run.
+# ---------------------------------------------------------------------------------------------
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(folder, name))
+    except (OSError, ValueError):
+        return default
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """The folder itself or its nearest ancestor that exists (refusing a file on the way)."""
+    probe = folder
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():
+        raise OutputError(f"cannot create the output folder {folder}: {probe} is a file, not a folder")
+    return probe
+
+
+def _os_reason(exc: OSError) -> str:
+    reasons = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted (immutable or protected folder?)",
+               errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.ENAMETOOLONG: "file name too long"}
+    return reasons.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Really create and remove a file in `folder` (permission bits do not stop root; a ro mount does)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ovis-lite-probe-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {what}: the folder {folder} is not writable ({_os_reason(exc)}); "
+                          f"choose another folder") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse before any work is done anything that would fail or lose a file at the write."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"output path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise OutputError(f"output {path} must end in one of {', '.join(IMAGE_SUFFIXES)}")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise OutputError(f"output {path} is a directory; give a file name such as {path / 'out.png'}")
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists; pass --overwrite to replace it or choose another name")
+    folder = path.parent
+    existing = _nearest_existing(folder)
+    name_max = _limit(existing, "PC_NAME_MAX", 255)
+    path_max = _limit(existing, "PC_PATH_MAX", 4096)
+    # Our temp names add about 20 bytes to the output name: the final name must leave room for them.
+    if len(os.fsencode(path.name)) + 20 > name_max:
+        raise OutputError(f"output file name is too long ({len(os.fsencode(path.name))} bytes; this filesystem "
+                          f"allows {name_max}, less 20 for the temp file): choose a shorter name")
+    if len(os.fsencode(os.path.abspath(path))) + 20 >= path_max:
+        raise OutputError(f"output path is too long ({len(os.fsencode(os.path.abspath(path)))} bytes; "
+                          f"the limit is {path_max}): choose a shorter path")
+    if os.path.lexists(path) and not overwrite:
+        link = f" (a symlink to {os.readlink(path)})" if os.path.islink(path) else ""
+        raise OutputError(f"output {path} already exists{link}; pass --overwrite to replace it or choose another name")
+    _probe_writable(existing, str(path))
     return path
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ---------------------------------------------------------------------------------------------
+# The write.
+# ---------------------------------------------------------------------------------------------
+
+def new_file_mode() -> int:
+    """0o666 less the process umask: the mode `open()` gives a new file (mkstemp alone makes 0600)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it elsewhere
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _already_exists(path: Path) -> OutputError:
+    return OutputError(f"output {path} already exists (written by another run meanwhile?); "
+                       f"pass --overwrite to replace it or choose another name")
+
+
+def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """The fallback where hard links are not supported: O_EXCL creation of the final name itself."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    except FileExistsError:
+        raise _already_exists(path) from None
+    try:
+        _write_all(fd, data)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        os.close(fd)
+        path.unlink(missing_ok=True)  # ours: created exclusively above
         raise
+    os.close(fd)
 
 
-def save_image(image: Image.Image, path: str | Path, overwrite: bool = False,
-               metadata: dict[str, Any] | None = None) -> Path:
-    """Save with metadata in PNG tEXt chunks (one per field, plus the whole set as JSON)."""
-    path = check_output_path(path, overwrite)
-    fmt = IMAGE_SUFFIXES[path.suffix.lower()]
+def write_bytes(path: Path, data: bytes, overwrite: bool) -> None:
+    """Put `data` at `path` completely or not at all; without `overwrite` the name is created exclusively."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {path.parent}: {_os_reason(exc)}") from None
+    mode = new_file_mode()
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+            tmp = None
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise _already_exists(path) from None
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                _create_exclusive(path, data, mode)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {_os_reason(exc)}; nothing was written"
+                          + (" and the existing file is unchanged" if os.path.lexists(path) else "")) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def atomic_write(path: Path, write: Any, overwrite: bool = True) -> None:
+    """Write what `write(file)` produces through an in-memory buffer and `write_bytes`."""
+    buffer = io.BytesIO()
+    write(buffer)
+    write_bytes(path, buffer.getvalue(), overwrite)
+
+
+def _metadata_json(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _xmp_packet(text: str) -> bytes:
+    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:ovislite="{XMP_NS}">'
+            f'<ovislite:metadata>{html.escape(text, quote=False)}</ovislite:metadata>'
+            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
+
+
+def encode_image(image: Image.Image, fmt: str, metadata: dict[str, Any] | None) -> tuple[bytes, str | None]:
+    """The file's bytes, and a notice when the format could not carry the metadata."""
     kwargs: dict[str, Any] = {}
-    if fmt == "PNG" and metadata:
-        info = PngImagePlugin.PngInfo()
+    notice = None
+    if metadata:
         fields = {"software": f"ovis-lite {__version__}", **metadata}
-        for key, value in fields.items():
-            if value is not None:
-                info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-        info.add_text(METADATA_KEY, json.dumps(fields, sort_keys=True))
-        kwargs["pnginfo"] = info
-    atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
+        text = _metadata_json(fields)
+        if fmt == "PNG":
+            info = PngImagePlugin.PngInfo()
+            for key, value in fields.items():
+                if value is not None:
+                    info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
+            info.add_text(METADATA_KEY, text)
+            kwargs["pnginfo"] = info
+        elif fmt == "JPEG":
+            payload = text.encode("utf-8")
+            if len(payload) <= JPEG_COMMENT_MAX:
+                kwargs["comment"] = JPEG_COMMENT_PREFIX + payload
+            else:
+                notice = (f"ovis-lite: notice: the metadata ({len(payload)} bytes) does not fit a JPEG comment; "
+                          f"the image was written without it (write .png to keep it)")
+        elif fmt == "WEBP":
+            kwargs["xmp"] = _xmp_packet(text)
+    if fmt == "JPEG":
+        kwargs.setdefault("quality", 95)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"cannot encode the image as {fmt} ({str(exc)[:100]}); write .png instead") from None
+    return buffer.getvalue(), notice
+
+
+def save_image(image: Image.Image, path: str | os.PathLike[str], overwrite: bool = False,
+               metadata: dict[str, Any] | None = None) -> Path:
+    """Save with metadata (PNG text chunks, JPEG comment, WebP XMP); exclusive unless `overwrite`."""
+    if not isinstance(image, Image.Image):
+        raise ArgumentTypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    path = check_output_path(path, overwrite)
+    data, notice = encode_image(image, IMAGE_SUFFIXES[path.suffix.lower()], metadata)
+    write_bytes(path, data, overwrite)
+    if notice:
+        import sys
+
+        print(notice, file=sys.stderr)
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ovis-lite metadata of an image written by `save_image`."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"image file not found: {path}")
+# ---------------------------------------------------------------------------------------------
+# Reading metadata back (`ovis-lite info`, `--config-from-metadata`): untrusted files.
+# ---------------------------------------------------------------------------------------------
+
+def _depth(value: Any) -> int:
+    """Nesting depth, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_METADATA_DEPTH:
+            return level
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _parse_metadata_json(path: Path, text: str | bytes, where: str) -> dict[str, Any]:
+    if len(text) > MAX_METADATA_BYTES:
+        raise InputError(f"{path}: the ovis-lite metadata in {where} is {len(text)} bytes, over the "
+                         f"{MAX_METADATA_BYTES} byte limit; it was not written by ovis-lite")
     try:
-        with Image.open(path) as img:
-            text = dict(getattr(img, "text", {}) or {})
-    except (UnidentifiedImageError, OSError) as exc:
+        meta = json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path}: the ovis-lite metadata in {where} is nested too deeply to be ours") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: the ovis-lite metadata in {where} is not valid JSON "
+                         f"({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: the ovis-lite metadata in {where} is a JSON {type(meta).__name__}, "
+                         f"not an object; it was not written by ovis-lite")
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise InputError(f"{path}: the ovis-lite metadata in {where} is nested more than "
+                         f"{MAX_METADATA_DEPTH} levels deep; it was not written by ovis-lite")
+    return meta
+
+
+_XMP_FIELD = re.compile(r"<ovislite:metadata>(.*?)</ovislite:metadata>", re.DOTALL)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ovis-lite metadata of an image written by `save_image` (PNG, JPEG or WebP)."""
+    from lite.model.images import _open_regular
+
+    path = Path(path)
+    fd = _open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixel is decoded here
+            with Image.open(f) as img:
+                fmt = img.format
+                text = dict(getattr(img, "text", {}) or {}) if fmt == "PNG" else {}
+                comment = img.info.get("comment", b"")
+                xmp = img.info.get("xmp", b"")
+    except Image.DecompressionBombError:
+        raise InputError(f"{path} declares a size over PIL's decompression-bomb limit; "
+                         f"it was not written by ovis-lite") from None
+    except PermissionError:
+        raise InputError(f"image file is not readable (permission denied): {path}") from None
+    except (ValueError, MemoryError) as exc:  # PIL: text chunks over MAX_TEXT_CHUNK / MAX_TEXT_MEMORY
+        raise InputError(f"{path}: its metadata chunks are too large or malformed "
+                         f"({str(exc)[:80] or type(exc).__name__})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
         raise InputError(f"cannot read image {path}: not a valid image file ({type(exc).__name__})") from None
     if METADATA_KEY in text:
-        return json.loads(text[METADATA_KEY])
+        return _parse_metadata_json(path, text[METADATA_KEY], f"its {METADATA_KEY!r} PNG text chunk")
+    if isinstance(comment, bytes) and comment.startswith(JPEG_COMMENT_PREFIX):
+        return _parse_metadata_json(path, comment[len(JPEG_COMMENT_PREFIX):], "its JPEG comment")
+    if isinstance(xmp, (bytes, str)) and xmp:
+        xmp_text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
+        m = _XMP_FIELD.search(xmp_text[: 2 * MAX_METADATA_BYTES])
+        if m:
+            return _parse_metadata_json(path, html.unescape(m.group(1)), "its XMP packet")
     if not text:
-        raise InputError(f"{path} carries no ovis-lite metadata (it was not written by ovis-lite, or not as PNG)")
+        raise InputError(f"{path} carries no ovis-lite metadata (it was not written by ovis-lite)")
     return text
+
+
+# Bidirectional overrides and isolates reorder what the terminal shows ("Trojan source").
+_BIDI = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def escape_control(text: str) -> str:
+    """Control characters (C0, DEL, C1: escape sequences, title changes, screen clears) and bidi
+    overrides as visible escapes: \\n, \\t, \\x1b, \\u202e."""
+    out = []
+    for ch in text:
+        if ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+        elif unicodedata.category(ch) == "Cc":
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        elif ch in _BIDI:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def format_metadata(meta: dict[str, Any]) -> str:
+    """The `info` text output: one `key: value` line per field, sorted, with control characters escaped.
+
+    Non-string values are shown as JSON. The result never contains a raw control character, so a
+    file's metadata cannot move the cursor, clear the screen or retitle the terminal.
+    """
+    lines = []
+    for key in sorted(meta, key=str):
+        value = meta[key]
+        shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False,
+                                                                 default=str)
+        lines.append(f"{escape_control(str(key))}: {escape_control(shown)}")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ Paging lives in `OffloadSession`, planning in `lite.runtime.planning`: this file
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, load_model, load_quantized_model, model_id_of
 from lite.model.config import PreprocessorConfig, load_preprocessor_config
-from lite.model.images import validate_image
+from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.modeling_yak import RefinedText
@@ -37,18 +38,17 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
-from lite.runtime.denoise import Condition, StepCallback, flow_timesteps, guided_denoise
+from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.streaming import stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device, resolve_dtype
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
-from lite.sampling import SOLVERS, SPACINGS, Guidance, guided_nfe
-from lite.validation import MAX_SIDE, MIN_SIDE, check_cfg, check_positive_int, check_text
+from lite.sampling import Guidance, guided_nfe
+from lite.validation import (MAX_SIDE, MIN_SIDE, check_cfg, check_max_new_tokens, check_positive_int, check_probability,
+                             check_seed, check_temperature, check_text)
 
 PhaseListener = Callable[[str], None]
-#: "the preset's" (or the reference's 50 Euler steps without a preset)
-PRESET: Literal["preset"] = "preset"
 REFERENCE_SAMPLING: dict[str, Any] = {"steps": 50, "solver": "euler", "spacing": "linear", "cfg_interval": None}
 
 
@@ -114,17 +114,22 @@ class OvisPipeline:
                     return vae_dtype if name.startswith(vae_prefix) else compute
 
                 model, report = load_model(directory, device=dev, dtype=dtype_for, progress=progress)
-            pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory), dev, progress, report)
+            pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
+                       progress, report)
             pipe.model_id = model_id_of(directory)
             return pipe
         preset = get_preset(preset)
+        if dev.type not in preset.devices:
+            warnings.warn(f"preset {preset.name} is meant for {'/'.join(preset.devices)}, not {dev.type}: its "
+                          f"budget and kernels were not chosen for this device", stacklevel=2)
         budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
         paging = preset.offload and budget is not None and dev.type in ("cuda", "mps")
         host = torch.device("cpu") if paging else dev
         override = None if dtype in (None, "auto") else resolve_dtype(dtype)
         model, report = load_quantized_model(directory, preset.precision.policy(dev.type), device=host,
                                              dtype=override, progress=progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory), dev, progress, report)
+        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
+                       progress, report)
         pipe.model_id = model_id_of(directory)
         pipe.preset = preset
         pipe.set_vae_tiling(preset.vae_tile)
@@ -227,11 +232,12 @@ class OvisPipeline:
         turns (each turn says how many it had) first, then the current question's.
         """
         check_text("question", question)
-        check_positive_int("max_new_tokens", max_new_tokens)
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise InputError("sampling needs temperature > 0 and 0 < top_p <= 1")
-        imgs = [images] if isinstance(images, Image.Image) else list(images or [])
-        imgs = [validate_image(img, f"image {i + 1}") for i, img in enumerate(imgs)]
+        check_max_new_tokens(max_new_tokens, self.model.config.answer_token_limit)
+        if do_sample:
+            check_temperature(temperature)
+            check_probability("top_p", top_p)
+        check_seed(seed, allow_none=False)
+        imgs = as_images(images, "images")
         earlier = sum(turn.num_images for turn in history or [])
         if earlier > len(imgs):
             raise InputError(f"the history's turns have {earlier} image(s) but only {len(imgs)} were given; pass "
@@ -281,17 +287,7 @@ class OvisPipeline:
 
     def _sampling(self, steps: int | None, solver: str | None, spacing: str | None,
                   cfg_interval: Any) -> tuple[int, str, str, tuple[float, float] | None]:
-        default = self.sampling_defaults()
-        steps = default["steps"] if steps is None else steps
-        solver = default["solver"] if solver is None else solver
-        spacing = default["spacing"] if spacing is None else spacing
-        interval = default["cfg_interval"] if isinstance(cfg_interval, str) and cfg_interval == PRESET else cfg_interval
-        check_positive_int("steps", steps, 1, 1000)
-        if solver not in SOLVERS:
-            raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        if spacing not in SPACINGS:
-            raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-        return steps, solver, spacing, tuple(interval) if interval is not None else None
+        return resolve_sampling(self.sampling_defaults(), steps, solver, spacing, cfg_interval)
 
     def timesteps(self, steps: int, n_tokens: int, spacing: str = "linear") -> list[float]:
         return flow_timesteps(self.model.config.yak, steps, n_tokens, spacing)
@@ -309,6 +305,7 @@ class OvisPipeline:
         for name, side in (("width", width), ("height", height)):
             check_positive_int(name, side, MIN_SIDE, MAX_SIDE)
         check_cfg("txt_cfg", txt_cfg)
+        check_seed(seed, allow_none=False)
         steps, solver, spacing, interval = self._sampling(steps, solver, spacing, cfg_interval)
         out_w, out_h = t2i_size(width, height)
         stats = RunStats(task="t2i", steps=steps, width=out_w, height=out_h)
@@ -337,7 +334,8 @@ class OvisPipeline:
         steps, solver, spacing, interval = self._sampling(steps, solver, spacing, cfg_interval)
         if latent not in ("mean", "sample"):
             raise InputError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        image = validate_image(image)
+        image = as_image(image, "image")
+        check_seed(seed, allow_none=False)
         width, height = edit_output_size(*image.size)
         stats = RunStats(task="edit", steps=steps, width=width, height=height)
         source = stretch(image, width, height)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import math
 from typing import Any, Mapping
 
@@ -28,10 +29,17 @@ _bnb: Any = None
 _import_error: str | None = None
 
 
+def quiet_import_logs() -> None:
+    """bnb's CPU backend logs a "kernels-community" warning when imported (by us, or by diffusers'
+    quantizers) about an optional package nothing here needs; it would break one-line error output."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _load() -> Any:
     """Import bitsandbytes once, swallowing its harmless 'kernels-community' import chatter."""
     global _bnb, _import_error
     if _bnb is None and _import_error is None:
+        quiet_import_logs()
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 _bnb = importlib.import_module("bitsandbytes")
