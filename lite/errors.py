@@ -42,3 +42,7 @@ class Cancelled(OvisLiteError):
 
 class ArgumentTypeError(InputError, TypeError):
     """An argument of the wrong type (`seed="x"`, `prompt=123`, `image=None`): names the argument and the type."""
+
+
+class Notice(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one line)."""

@@ -4,12 +4,36 @@ Wiring: `build_units` / `units_for` -> `plan(budget, units, activation)` -> `att
 plan, device)` -> `offloader.enter_phase(name)` before each phase -> `offloader.remove()`.
 """
 
-from .accounting import module_nbytes, tensors_nbytes
-from .hooks import SequentialOffloader, attach_offload
-from .ledger import ResidencyLedger
-from .planner import BudgetError, Plan, UnitInfo, min_budget_bytes, phase_weight_peaks, plan
-from .tensors import OffloadedTensorError
-from .units import Unit, UnitSpec, build_units, outermost_module_lists, specs_for, units_for
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .accounting import module_nbytes, tensors_nbytes
+    from .hooks import SequentialOffloader, attach_offload
+    from .ledger import ResidencyLedger
+    from .planner import BudgetError, Plan, UnitInfo, min_budget_bytes, phase_weight_peaks, plan
+    from .tensors import OffloadedTensorError
+    from .units import Unit, UnitSpec, build_units, outermost_module_lists, specs_for, units_for
+
+#: name -> submodule; imported on first use, so `import offload.errors` (every early one-line error) stays
+#: free of torch.
+_EXPORTS = {
+    "module_nbytes": "accounting", "tensors_nbytes": "accounting", "SequentialOffloader": "hooks",
+    "attach_offload": "hooks", "ResidencyLedger": "ledger", "BudgetError": "planner", "Plan": "planner",
+    "UnitInfo": "planner", "min_budget_bytes": "planner", "phase_weight_peaks": "planner", "plan": "planner",
+    "OffloadedTensorError": "tensors", "Unit": "units", "UnitSpec": "units", "build_units": "units",
+    "outermost_module_lists": "units", "specs_for": "units", "units_for": "units",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'offload' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BudgetError",

@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lite import latents
+    from lite.model import latents
     from lite.runtime.pipeline import OvisPipeline
 
     prompt, w, h = "a red fox in the snow", args.size, args.size

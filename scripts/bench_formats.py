@@ -57,7 +57,7 @@ def bench_llm(cfg, device: torch.device, fmt: str, prompt: int, new: int, repeat
 
 
 def bench_yak(cfg, device: torch.device, fmt: str, side: int, text: int, repeats: int) -> dict:
-    from lite import latents
+    from lite.model import latents
     from lite.model.modeling_yak import RefinedText, YakTransformer
     from lite.model.precision import policy_for
     from quant import quantize

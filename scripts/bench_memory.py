@@ -27,7 +27,7 @@ def main() -> None:
 
     from diffusers import AutoencoderKL
 
-    from lite import latents
+    from lite.model import latents
     from lite.model.memory_profile import Workload, _vae_side_activation, denoise_activation
     from lite.model.modeling_yak import RefinedText, YakTransformer
     from lite.model.tiny import real_config_template

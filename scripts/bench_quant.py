@@ -255,7 +255,8 @@ def _full_width_fidelity(policies: tuple[str, ...], llm_layers: int, yak_double:
     import copy
 
     from lite.model.sizes import meta_model
-    from lite.model.precision import policy_for, quantize_model
+    from lite.model.precision import policy_for
+    from lite.model.quantize import quantize_model
     from lite.model.tiny import randomize_
 
     cfg = _shallow(_full_config(), llm_layers, yak_double, yak_single)

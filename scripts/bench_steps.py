@@ -246,7 +246,7 @@ class _TinyTask:
 
 def _tiny_tasks(pipe: object, size: int, seed: int) -> list[_TinyTask]:
     """Conditions built once per task, exactly as OvisPipeline.generate / edit build them."""
-    from lite import latents
+    from lite.model import latents
     from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, edit_output_size, stretch, t2i_size, white_canvas
 
     dev = pipe.device  # type: ignore[attr-defined]

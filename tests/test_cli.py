@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from lite.cli.main import main
+from offload.errors import UserError
 
 from .conftest import REAL_CONFIG
 
@@ -84,7 +85,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises((OSError, UserError)):  # the encoder's failure, reported as one line or raised
         save_image(Image.new("RGB", (4, 4)), out, overwrite=True)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
@@ -195,6 +196,11 @@ def test_demo_runs_all_three_tasks(tmp_path, monkeypatch):
     for task in ("understand", "t2i", "edit"):
         assert task in proc.stdout
     assert (tmp_path / "ovis-lite-demo" / "t2i.png").exists() and (tmp_path / "ovis-lite-demo" / "edit.png").exists()
+    before = (tmp_path / "ovis-lite-demo" / "t2i.png").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "lite", "demo", "--quiet"], capture_output=True, text=True,
+                           timeout=600)  # refused before any work: the earlier images are kept
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "ovis-lite-demo" / "t2i.png").read_bytes() == before
 
 
 def test_inspect_preset_reports_quantized_bytes(capsys):
@@ -226,6 +232,9 @@ def test_generate_with_a_quantizing_preset(capsys, tmp_path, tiny_dir):
                             "--preset", "low", "--width", "32", "--height", "32", "--json")
     result = json.loads(stdout)
     assert code == 0 and result["nfe"] <= 24, err
+    # a preset made for CUDA, run on the CPU, says so in one line (the runtime's warning, as a notice)
+    assert [ln for ln in err.splitlines() if "preset low is meant for cuda" in ln][0].startswith("ovis-lite: ")
+    assert "UserWarning" not in err
     meta = json.loads(Image.open(out).text["ovis-lite"])
     assert meta["preset"] == "low" and meta["solver"] == "unipc" and meta["steps"] == 12
 

@@ -127,3 +127,16 @@ def test_plan_refuses_an_impossible_budget(capsys):
     code = main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--budget", "1GB"])
     err = capsys.readouterr().err
     assert code == 2 and "smallest budget that works" in err and err.count("\n") == 1
+
+
+def test_the_readme_table_is_the_presets_table(real):
+    """The README's table is generated (`ovis-lite presets --markdown`): it must equal what the presets plan now."""
+    import re
+    from pathlib import Path
+
+    from lite.runtime.planning import preset_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"<!-- presets:begin[^>]*-->\n(.*?)\n<!-- presets:end -->", readme, flags=re.S)
+    assert found, "README lost its preset table markers"
+    assert found.group(1) == preset_markdown(*real)

@@ -27,7 +27,26 @@ def demo_checkpoint() -> Path:
     return cache
 
 
-def run_demo(out_dir: Path, quiet: bool = False) -> list[tuple[str, float, int]]:
+DEMO_FILES = ("t2i.png", "edit.png")
+
+
+def check_demo_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse before any work when an earlier demo's images (or the user's files) would be replaced."""
+    from lite.errors import OutputError
+    from lite.runtime.outputs import check_output_path
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    taken = [name for name in DEMO_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if taken and not overwrite:
+        raise OutputError(f"{out_dir / taken[0]} already exists; pass --overwrite to replace the demo images, "
+                          f"or choose another --out folder")
+    for name in DEMO_FILES:
+        check_output_path(out_dir / name, overwrite)
+
+
+def run_demo(out_dir: Path, quiet: bool = False, overwrite: bool = False) -> list[tuple[str, float, int]]:
+    check_demo_output(out_dir, overwrite)
     import torch
     from PIL import Image
 
@@ -42,7 +61,8 @@ def run_demo(out_dir: Path, quiet: bool = False) -> list[tuple[str, float, int]]
           "noise; it shows the runtime (loading, all three tasks, timing, memory), not the model's quality.")
     t0 = time.perf_counter()
     ckpt = demo_checkpoint()
-    pipe = OvisPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32, progress=not quiet)
+    pipe = OvisPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32,
+                                        progress=not quiet and sys.stderr.isatty())
     say(f"checkpoint {ckpt} ready in {time.perf_counter() - t0:.1f} s")
     rows: list[tuple[str, float, int]] = []
 
@@ -54,14 +74,14 @@ def run_demo(out_dir: Path, quiet: bool = False) -> list[tuple[str, float, int]]
     t = time.perf_counter()
     image = pipe.generate("a red fox in the snow", width=256, height=256, seed=42, **DEMO_SAMPLING)
     rows.append((f"t2i 256x256, NFE {pipe.last_run.nfe}", time.perf_counter() - t, peak_rss_bytes()))
-    gen_path = save_image(image, out_dir / "t2i.png", overwrite=True,
+    gen_path = save_image(image, out_dir / "t2i.png", overwrite=overwrite,
                           metadata={"task": "t2i", "prompt": "a red fox in the snow", "seed": 42,
                                     "model": "tiny random (demo)", **DEMO_SAMPLING})
 
     t = time.perf_counter()
     edited = pipe.edit(image, "add a hat", seed=42, **DEMO_SAMPLING)
     rows.append((f"edit 256x256, NFE {pipe.last_run.nfe}", time.perf_counter() - t, peak_rss_bytes()))
-    edit_path = save_image(edited, out_dir / "edit.png", overwrite=True,
+    edit_path = save_image(edited, out_dir / "edit.png", overwrite=overwrite,
                            metadata={"task": "edit", "prompt": "add a hat", "seed": 42,
                                      "model": "tiny random (demo)", **DEMO_SAMPLING})
 

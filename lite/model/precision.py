@@ -201,6 +201,7 @@ class Precision:
 
     name: str
     description: str
+    summary: str = ""  # a few words for the README's preset table
     llm: str = "none"
     llm_embed: str = "none"
     vision: str = "none"
@@ -244,26 +245,30 @@ def as_policy(policy: QuantPolicy | Precision | str | None, device_type: str) ->
 
 # The per-component tables the presets carry (lite/runtime/presets.py). Measured trade-offs:
 # docs/quantization.md.
-REFERENCE = Precision("reference", "no quantization; bf16 weights, fp32 VAE (what the reference runs)")
+REFERENCE = Precision("reference", "no quantization; bf16 weights, fp32 VAE (what the reference runs)",
+                      summary="bf16, fp32 VAE")
 QUALITY = replace(REFERENCE, name="quality",
                   description="no quantization; bf16 weights, fp32 VAE (offload is what differs from reference)")
 # Yak's modulation Linears are 297M parameters: at bf16 they alone keep the model above the 8 GB
 # policy's 3.2 GB target, and at int8 they add 0.0006 of velocity error (docs/quantization.md).
 BALANCED = Precision("balanced", "8 GB GPUs: LLM 4-bit, embeddings/head/VTE/vision/Yak 8-bit including Yak "
                      "modulation (Yak embedders, final layer and norms bf16), VAE bf16",
+                     summary="LLM 4-bit, ViT/head/VTE/Yak 8-bit",
                      llm=FOUR_BIT, llm_embed="int8", vision="int8", visual_head="int8", vte="int8", yak="int8",
                      yak_modulation=True, vae="bf16")
 LOW = replace(BALANCED, name="low",
               description="6 GB GPUs: the balanced formats (the preset's smaller budget and sampler are what differ)")
-TINY = replace(BALANCED, name="tiny", yak=FOUR_BIT, yak_modulation=False,
+TINY = replace(BALANCED, name="tiny", yak=FOUR_BIT, yak_modulation=False, summary="as balanced, Yak 4-bit",
                description="4 GB GPUs: low, plus Yak 4-bit (NF4 on CUDA / int4 elsewhere; Yak modulation bf16)")
-MINIMAL = replace(TINY, name="minimal", vision=FOUR_BIT, description="2 GB GPUs: tiny, plus the vision backbone 4-bit")
+MINIMAL = replace(TINY, name="minimal", vision=FOUR_BIT, summary="as tiny, ViT 4-bit", description="2 GB GPUs: tiny, plus the vision backbone 4-bit")
 MPS = replace(BALANCED, name="mps", llm="int4", backend="quanto", vae="bf16", vae_on={"mps": "fp16"},
+              summary="quanto int4 LLM, int8 elsewhere, fp16 VAE",
               description="Apple: balanced formats with quanto everywhere (no bitsandbytes): LLM int4 g128, the "
                           "rest int8")
 # bf16 embedding and head: the int8 head would be dequantized at every decoded token.
 CPU = Precision("cpu", "CPU: only the decode-bound LLM layers are quantized (int4; bf16 embedding/head); "
-                "compute-bound parts (vision, visual head, VTE, Yak) stay bf16; VAE fp32", llm="int4")
+                "compute-bound parts (vision, visual head, VTE, Yak) stay bf16; VAE fp32", llm="int4",
+                summary="LLM int4, bf16 elsewhere, fp32 VAE")
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (REFERENCE, QUALITY, BALANCED, LOW, TINY, MINIMAL, MPS, CPU)}
 

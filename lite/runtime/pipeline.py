@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from lite.errors import InputError
+from lite.errors import InputError, Notice
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, load_model, load_quantized_model, model_id_of
@@ -121,7 +121,7 @@ class OvisPipeline:
         preset = get_preset(preset)
         if dev.type not in preset.devices:
             warnings.warn(f"preset {preset.name} is meant for {'/'.join(preset.devices)}, not {dev.type}: its "
-                          f"budget and kernels were not chosen for this device", stacklevel=2)
+                          f"budget and kernels were not chosen for this device", Notice, stacklevel=2)
         budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
         paging = preset.offload and budget is not None and dev.type in ("cuda", "mps")
         host = torch.device("cpu") if paging else dev
@@ -377,7 +377,9 @@ class OvisPipeline:
             return out
 
         images = self.offload.run(self.workload(task, *planned_size, nfe=nfe), run)
-        stats.settings = settings | {"seed": seed, "seeds": [seed + i for i in range(count)]}
+        stats.settings = settings | {"seed": seed}
+        if num_images is not None:
+            stats.settings["seeds"] = [seed + i for i in range(count)]
         if self.preset is not None:
             stats.settings["preset"] = self.preset.name
         self._finish(stats, start)

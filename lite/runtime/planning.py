@@ -215,3 +215,23 @@ def largest_fitting_size(preset: Preset, config: OvisU1Config, pp: PreprocessorC
             break
         best = side
     return best
+
+
+def _sampler_text(row: dict[str, Any]) -> str:
+    names = {"euler": "Euler", "heun": "Heun", "dpmpp_2m": "DPM++ 2M", "unipc": "UniPC"}
+    text = f"{names.get(row['solver'], row['solver'])} {row['steps']}"
+    if row["cfg_interval"]:
+        text += f", CFG for t ≥ {row['cfg_interval'][0]:g}"
+    return f"{text} ({row['nfe']['t2i']} / {row['nfe']['edit']})"
+
+
+def preset_markdown(config: OvisU1Config, pp: PreprocessorConfig) -> str:
+    """The README's preset table, from the presets and the planner (each preset planned for its own device)."""
+    lines = ["| preset | for | precision | sampler (NFE t2i / edit) | understand | t2i 1024² | edit 1024² |",
+             "|---|---|---|---|---|---|---|"]
+    for row in preset_table(config, pp, "cuda"):
+        preset = PRESETS[row["name"]]
+        peaks = [f"{v / GiB:.2f} GiB" if v is not None else "n/a" for v in row["planned_peak_bytes"].values()]
+        lines.append(f"| `{preset.name}` | {preset.audience} | {preset.precision.summary} | {_sampler_text(row)} | "
+                     + " | ".join(peaks) + " |")
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ class Preset:
     name: str
     description: str
     precision: Precision
+    audience: str  # who it is for, in a few words (the README's preset table)
     budget_bytes: int | None  # device budget for the offload plan; None: everything stays resident
     solver: str = "euler"
     spacing: str = "linear"
@@ -51,21 +52,21 @@ CPU_FAST = dict(solver="unipc", spacing="linear", steps=8)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("reference", "bf16 everywhere, 50 Euler steps, all on the device: the reference's exact semantics",
-           REFERENCE, budget_bytes=None, offload=False, auto_on=("cuda",)),
+           REFERENCE, "16 GB+ GPUs", budget_bytes=None, offload=False, auto_on=("cuda",)),
     Preset("quality", "bf16 weights and reference sampling; components leave the device between phases (12 GB)",
-           QUALITY, budget_bytes=12 * GiB, devices=("cuda",), auto_on=("cuda",)),
+           QUALITY, "12 GB GPUs", budget_bytes=12 * GiB, devices=("cuda",), auto_on=("cuda",)),
     Preset("balanced", "for 8 GB GPUs: 4-bit LLM, 8-bit ViT/head/VTE/Yak, 15-step UniPC, CFG for t >= 0.1",
-           BALANCED, budget_bytes=8 * GiB, vae_tile=1024, devices=("cuda",), auto_on=("cuda",), **FAST),
+           BALANCED, "8 GB GPUs", budget_bytes=8 * GiB, vae_tile=1024, devices=("cuda",), auto_on=("cuda",), **FAST),
     Preset("low", "for 6 GB GPUs: the balanced formats, 12 steps, a 6 GB plan, VAE tiles from 768 px",
-           LOW, budget_bytes=6 * GiB, vae_tile=768, devices=("cuda",), auto_on=("cuda",), **LEAN),
+           LOW, "6 GB GPUs", budget_bytes=6 * GiB, vae_tile=768, devices=("cuda",), auto_on=("cuda",), **LEAN),
     Preset("tiny", "for 4 GB GPUs: 4-bit Yak too; blocks page when needed, 512 px VAE tiles",
-           TINY, budget_bytes=4 * GiB, vae_tile=512, devices=("cuda",), auto_on=("cuda",), **LEAN),
+           TINY, "4 GB GPUs", budget_bytes=4 * GiB, vae_tile=512, devices=("cuda",), auto_on=("cuda",), **LEAN),
     Preset("minimal", "for 2 GB: 4-bit ViT too; everything pages block by block, 512 px VAE tiles",
-           MINIMAL, budget_bytes=2 * GiB, vae_tile=512, devices=("cuda",), auto_on=("cuda",), any_card=True, **LEAN),
+           MINIMAL, "2 GB GPUs", budget_bytes=2 * GiB, vae_tile=512, devices=("cuda",), auto_on=("cuda",), any_card=True, **LEAN),
     Preset("mps", "Apple unified memory: small quanto weights, nothing pointlessly offloaded to the CPU",
-           MPS, budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), auto_on=("mps",), **FAST),
+           MPS, "Apple silicon", budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), auto_on=("mps",), **FAST),
     Preset("cpu", "plain CPU: only the LLM layers quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
-           CPU, budget_bytes=None, offload=False, devices=("cpu",), auto_on=("cpu",), **CPU_FAST),
+           CPU, "no GPU", budget_bytes=None, offload=False, devices=("cpu",), auto_on=("cpu",), **CPU_FAST),
 )}
 
 

@@ -59,7 +59,9 @@ class Backend(Protocol):
     auto: Mapping[str, tuple[str, int]]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        """None when it can build layers on `device`, else a short reason (library missing, device refused)."""
+        """None when it can build layers on a device of this kind, else a short reason (library missing, device
+        kind refused). Whether such a device is present here is not asked: a plan for a CUDA card made on a
+        CPU-only machine must resolve the backends that card will run."""
 
     def owns(self, module: nn.Module) -> bool:
         """True for a layer this backend built."""

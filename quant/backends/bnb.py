@@ -52,8 +52,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     """None when bnb 4-bit can run on `device`, else a short reason."""
     if device.type not in SUPPORTED_DEVICE_TYPES:
         return f"bitsandbytes 4-bit does not run on {device.type}"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available"
     if _load() is None:
         return f"bitsandbytes is not importable ({_import_error})"
     return None

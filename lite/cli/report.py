@@ -1,0 +1,60 @@
+"""What the CLI tells the user: notices and summaries on stderr, results as JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def say(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def notice(args: argparse.Namespace, message: str) -> None:
+    say(args, f"ovis-lite: {message}")
+
+
+def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str = "") -> None:
+    from lite.memory import format_bytes
+
+    dev = f", device peak {format_bytes(stats.peak_device_bytes)}" if stats.peak_device_bytes is not None else ""
+    size = f" {stats.width}x{stats.height}" if stats.width else ""
+    nfe = f", NFE {stats.nfe}" if stats.nfe else ""
+    dest = f" -> {output}" if output else ""
+    say(args, f"ovis-lite: {stats.task}{size} in {stats.seconds:.1f} s, host peak "
+              f"{format_bytes(stats.peak_rss_bytes)}{dev}{nfe}{extra}{dest}")
+
+
+def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
+    """One line of `generate/edit --json`."""
+    return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
+                       "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
+                       "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
+                       "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings})
+
+
+def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
+    """One line of `ask --json`: the answer, its token count and speed (no image fields)."""
+    seconds = stats.seconds
+    return json.dumps({"task": "understand", "answer": answer, "tokens": tokens,
+                       "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
+                       "seconds": round(seconds, 3), "preset": preset, "seed": seed,
+                       "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes})
+
+
+def count_tokens(pipe: Any, answer: str) -> int:
+    """Tokens generated: the runtime's count when it keeps one, else the answer re-tokenized."""
+    stats = pipe.last_run
+    value = getattr(stats, "tokens", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    return len(pipe.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0
+
+
+def user_error_line(exc: BaseException) -> str:
+    """The one line a user error prints: its message's first line (its class name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

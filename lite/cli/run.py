@@ -1,0 +1,172 @@
+"""`ask`, `generate` and `edit`: check everything, resolve the run once, load, run, write atomically."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from lite import __version__
+from lite.cli import settings
+from lite.cli.report import answer_result, count_tokens, image_result, summary
+from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
+from lite.cli.types import utf8_problem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _preview_callback(pipe: Any, args: argparse.Namespace) -> Callable[[int, int, Any], None] | None:
+    """Write a cheap decoded preview every --preview-every steps (and at the last one)."""
+    if not args.preview:
+        return None
+    from lite.runtime.outputs import save_image
+
+    def callback(step: int, total: int, latent: Any) -> None:
+        if step % args.preview_every == 0 or step == total:
+            save_image(pipe.preview(latent), args.preview, overwrite=True)
+
+    return callback
+
+
+def _metadata(pipe: Any, stats: Any, task: str, preset: Any, job: settings.Job,
+              args: argparse.Namespace) -> dict[str, Any]:
+    meta = {"task": task, "model": pipe.model_id, "width": stats.width, "height": stats.height, "nfe": stats.nfe,
+            "preset": preset.name, "ovis_lite_version": __version__, **stats.settings, "seed": job.seed}
+    if args.negative_prompt is not None:
+        meta.setdefault("negative_prompt", args.negative_prompt)
+    return meta
+
+
+def _image_run(args: argparse.Namespace, task: str) -> int:
+    """generate and edit: metadata, defaults, prompts and outputs are all settled before loading."""
+    from lite.runtime.outputs import save_image
+
+    settings.apply_metadata(args, task)
+    settings.apply_defaults(args, task)
+    text = args.prompt if task == "t2i" else args.instruction
+    prompts = settings.read_prompts(args, text, "prompt" if task == "t2i" else "instruction")
+    if args.negative_prompt is not None:
+        problem = utf8_problem("--negative-prompt", args.negative_prompt)
+        if problem:
+            from lite.errors import InputError
+
+            raise InputError(problem)
+    source = None
+    if task == "edit":
+        from lite.model.images import load_image
+
+        source = load_image(args.image)
+    jobs = settings.plan_jobs(args, prompts)
+    settings.check_solver(args)
+    width, height = (args.width, args.height) if task == "t2i" else source.size
+    run = resolve_run(args, task, width, height)
+    pipe = load_pipeline(run, args)
+    extra: dict[str, Any] = settings.sampling(args)
+    if args.negative_prompt is not None:
+        extra["negative_prompt"] = args.negative_prompt
+    callback = _preview_callback(pipe, args)
+    if callback is not None:
+        extra["callback"] = callback
+    for job in jobs:
+        if task == "t2i":
+            image = pipe.generate(job.prompt, width=args.width, height=args.height, seed=job.seed,
+                                  txt_cfg=args.txt_cfg, **extra)
+        else:
+            image = pipe.edit(source, job.prompt, seed=job.seed, img_cfg=args.img_cfg, txt_cfg=args.txt_cfg,
+                              **extra)
+        stats = pipe.last_run
+        meta = _metadata(pipe, stats, task, run.preset, job, args)
+        if task == "edit":
+            meta["source"] = str(args.image)
+        out = save_image(image, job.output, args.overwrite, meta)
+        summary(args, stats, str(out), f", seed {job.seed}")
+        if args.json:
+            print(image_result(stats, str(out), job.seed, run.preset.name), flush=True)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return _image_run(args, "t2i")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    return _image_run(args, "edit")
+
+
+def looks_like_image(arg: str) -> bool:
+    """An existing file, or a single word with an image suffix: not a question."""
+    path = Path(arg)
+    if " " not in arg.strip() and path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def split_ask_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
+    """`ask [IMAGE...] QUESTION` plus `--image PATH`: the image paths and the question."""
+    from lite.errors import InputError
+    from lite.validation import check_text
+
+    if not args.inputs:
+        raise InputError("the question is missing; e.g. ovis-lite ask cat.png \"What is it?\"")
+    *positional, question = args.inputs
+    if looks_like_image(question):
+        raise InputError(f"the question is missing: {question!r} is an image; put the question last, "
+                         f"e.g. ovis-lite ask {' '.join([*positional, question])} \"What is it?\"")
+    problem = utf8_problem("the question", question)
+    if problem:
+        raise InputError(problem)
+    return [*args.image, *positional], check_text("question", question)
+
+
+def resolve_seed(value: int | str) -> int:
+    return secrets.randbelow(2**32) if value == "random" else int(value)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from lite.errors import InputError
+    from lite.model.images import load_image
+
+    paths, question = split_ask_inputs(args)
+    if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
+        raise InputError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
+    images = [load_image(p) for p in paths]
+    seed = resolve_seed(args.seed)
+    w = max((img.size[0] for img in images), default=448)
+    h = max((img.size[1] for img in images), default=448)
+    run = resolve_run(args, "understand", w, h)
+    check_max_new_tokens(run.config, args.max_new_tokens)
+    pipe = load_pipeline(run, args)
+    pieces = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             temperature=args.temperature, top_p=args.top_p, stream=True, seed=seed)
+    answer = stream_answer(pieces, echo=not args.json)
+    tokens = count_tokens(pipe, answer)
+    stats = pipe.last_run
+    rate = f", {tokens} tokens, {tokens / stats.seconds:.1f} tokens/s" if stats.seconds > 0 else ""
+    summary(args, stats, None, rate)
+    if args.json:
+        print(answer_result(stats, answer, tokens, run.preset.name, seed if args.sample else None), flush=True)
+    return 0
+
+
+def stream_answer(pieces: Any, echo: bool) -> str:
+    """Print the answer as it comes; the generator is closed on any exit, so its worker stops."""
+    answer: list[str] = []
+    try:
+        for piece in pieces:
+            answer.append(piece)
+            if echo:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    if echo:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(answer)

@@ -1,0 +1,133 @@
+"""Resolve once what a run needs (checkpoint, device, dtype, preset, budget) and load the pipeline.
+
+Every value is resolved here and nowhere else in the CLI; the pipeline receives the results.
+Notices about the device (a missing accelerator, `--vram` on a machine without a GPU) are collected
+here and printed once, after the plan is known to fit; the runtime's own warnings while loading (a
+preset made for another device) become one-line notices too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lite.cli.report import notice, say
+
+
+@dataclass
+class RunConfig:
+    """What the CLI hands the runtime: one resolved value per setting."""
+
+    directory: Path
+    config: Any  # OvisU1Config
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype, or None for the preset's
+    preset: Any  # Preset
+    budget_bytes: int | None
+    machine: Any
+    progress: bool
+    notices: list[str] = field(default_factory=list)
+
+
+def configure_threads(threads: int | None) -> None:
+    """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
+    try:
+        from lite.runtime.hardware import configure_threads as configure
+    except ImportError:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return
+    configure(threads)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Bars only for a person watching: never into a log or a pipe, never with --quiet."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
+    """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
+    from lite.model.checkpoint import find_checkpoint
+    from lite.model.config import load_config, load_preprocessor_config
+    from lite.runtime import planning
+    from lite.runtime.devices import resolve_device, resolve_dtype
+    from lite.runtime.machine import detect_machine
+    from lite.runtime.presets import get_preset
+
+    preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
+    device, fallback = resolve_device(args.device)
+    notices = [fallback] if fallback else []
+    directory = find_checkpoint(args.model)
+    config, pp = load_config(directory), load_preprocessor_config(directory)
+    machine = detect_machine(device, args.vram, args.ram)
+    if preset is None:
+        preset, why = planning.choose_preset(machine, config, pp, task, width, height)
+        notices.append(why)
+    else:
+        planning.check_fits(preset, config, pp, task, width, height, machine)
+    if args.vram is not None and device.type == "cpu":
+        notices.append("--vram only chose the preset: there is no GPU here, so this run uses the CPU")
+    dtype = resolve_dtype(args.dtype) if args.dtype != "auto" else None
+    configure_threads(args.threads)
+    return RunConfig(directory, config, device, dtype, preset, planning.effective_budget(preset, machine),
+                     machine, progress_enabled(args), notices)
+
+
+def context_limit(config: Any) -> int:
+    """Most new tokens an answer may have: the LLM's positions past the longest prompt window."""
+    positions = int(config.llm.get("max_position_embeddings", 0) or 0)
+    prompt = int(config.multimodal_max_length)
+    if positions <= 0:
+        return prompt
+    return positions - prompt if positions > prompt else positions
+
+
+def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
+    from lite.errors import InputError
+
+    limit = context_limit(config)
+    if max_new_tokens > limit:
+        raise InputError(f"--max-new-tokens {max_new_tokens} is past the model's context: at most {limit} "
+                         f"(the LLM's {config.llm.get('max_position_embeddings')} positions less the "
+                         f"{config.multimodal_max_length}-token prompt window)")
+
+
+def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
+    """Load once; print the notices and the load report (one line each)."""
+    from lite.errors import Notice
+    from lite.memory import format_bytes
+    from lite.runtime.pipeline import OvisPipeline
+
+    for line in run.notices:
+        notice(args, line)
+    with warnings.catch_warnings(record=True) as caught:  # the runtime's notices, as one line each
+        warnings.simplefilter("always", Notice)
+        pipe = OvisPipeline.from_pretrained(run.directory, device=run.device, dtype=run.dtype, preset=run.preset,
+                                            budget_bytes=run.budget_bytes, progress=run.progress)
+    for warning in caught:
+        if issubclass(warning.category, Notice):
+            notice(args, str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    pipe.notify = lambda message: notice(args, message)
+    rep = pipe.load_report
+    if rep is not None:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in rep.component_bytes.items())
+        paging = _paging_budget(pipe)
+        where = f"{run.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
+        say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
+                  f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
+    return pipe
+
+
+def _paging_budget(pipe: Any) -> int | None:
+    """The budget the weights page within, or None when they stay resident."""
+    session = getattr(pipe, "offload", None)
+    settings = getattr(session, "settings", session)
+    return getattr(settings, "budget_bytes", None)
