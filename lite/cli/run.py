@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from lite import __version__
 from lite.cli import settings
 from lite.cli.report import answer_result, count_tokens, image_result, summary
 from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
@@ -30,18 +29,9 @@ def _preview_callback(pipe: Any, args: argparse.Namespace) -> Callable[[int, int
     return callback
 
 
-def _metadata(pipe: Any, stats: Any, task: str, preset: Any, job: settings.Job,
-              args: argparse.Namespace) -> dict[str, Any]:
-    meta = {"task": task, "model": pipe.model_id, "width": stats.width, "height": stats.height, "nfe": stats.nfe,
-            "preset": preset.name, "ovis_lite_version": __version__, **stats.settings, "seed": job.seed}
-    if args.negative_prompt is not None:
-        meta.setdefault("negative_prompt", args.negative_prompt)
-    return meta
-
-
 def _image_run(args: argparse.Namespace, task: str) -> int:
     """generate and edit: metadata, defaults, prompts and outputs are all settled before loading."""
-    from lite.runtime.outputs import save_image
+    from lite.runtime.outputs import image_metadata, save_image
 
     settings.apply_metadata(args, task)
     settings.apply_defaults(args, task)
@@ -77,7 +67,7 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
             image = pipe.edit(source, job.prompt, seed=job.seed, img_cfg=args.img_cfg, txt_cfg=args.txt_cfg,
                               **extra)
         stats = pipe.last_run
-        meta = _metadata(pipe, stats, task, run.preset, job, args)
+        meta = image_metadata(pipe.model_id, stats, task, run.preset.name, job.seed, args.negative_prompt)
         if task == "edit":
             meta["source"] = str(args.image)
         out = save_image(image, job.output, args.overwrite, meta)

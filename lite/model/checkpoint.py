@@ -21,7 +21,7 @@ from torch import nn
 from offload.accounting import module_nbytes
 
 from lite.model.config import load_config
-from lite.model.shards import INDEX_FILE, index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
+from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
 from lite.model.architecture import OVIS_U1

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from offload.accounting import module_nbytes
 from quant import (Int8VisualEmbedding, LayerReport, QuantFormatError, dtype_from_name, dtype_name,
@@ -31,7 +30,7 @@ from quant.serialize import VERSION as QUANT_FORMAT_VERSION
 from lite import __version__
 from lite.errors import CheckpointError, OutputError
 from lite.model.architecture import OVIS_U1
-from lite.model.checkpoint import find_checkpoint, load_quantized_model, named_tensors, set_tensor, tie_weights
+from lite.model.checkpoint import find_checkpoint, load_quantized_model, named_tensors, tie_weights
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import Precision, QuantPolicy, as_policy
 from lite.model.quantize import ModelQuantReport

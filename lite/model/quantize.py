@@ -14,7 +14,7 @@ from quant import (QUANT_FORMATS, Int8Embedding, Int8VisualEmbedding, LayerRepor
 
 from lite.errors import CheckpointError
 from lite.memory import trim_host_heap
-from lite.model.architecture import COMPONENTS, OVIS_U1
+from lite.model.architecture import OVIS_U1
 from lite.model.checkpoint import set_tensor, tie_weights
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import COMPONENT_ROOTS, Precision, QuantPolicy, as_policy

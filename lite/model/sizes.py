@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from offload.accounting import module_nbytes
-from quant import QuantSpec, dtype_name, embedding_layout_nbytes, layout_nbytes
+from quant import QuantSpec, embedding_layout_nbytes, layout_nbytes
 from quant.backends.base import element_size
 
 from lite.model.architecture import COMPONENTS, OVIS_U1

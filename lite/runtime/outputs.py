@@ -234,6 +234,17 @@ def _xmp_packet(text: str) -> bytes:
             '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
 
 
+def image_metadata(model_id: str, stats: Any, task: str, preset: str | None, seed: int,
+                   negative_prompt: str | None = None) -> dict[str, Any]:
+    """What an output image records (the CLI's and the server's alike): task, model, size, NFE, preset, the
+    run's settings and its own seed, so `--config-from-metadata` can rerun it."""
+    meta = {"task": task, "model": model_id, "width": stats.width, "height": stats.height, "nfe": stats.nfe,
+            "preset": preset, "ovis_lite_version": __version__, **stats.settings, "seed": seed}
+    if negative_prompt is not None:
+        meta.setdefault("negative_prompt", negative_prompt)
+    return meta
+
+
 def encode_image(image: Image.Image, fmt: str, metadata: dict[str, Any] | None) -> tuple[bytes, str | None]:
     """The file's bytes, and a notice when the format could not carry the metadata."""
     kwargs: dict[str, Any] = {}

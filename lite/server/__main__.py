@@ -1,0 +1,7 @@
+"""`python -m lite.server [serve] ...`: the serve command before (and besides) the main CLI."""
+
+import sys
+
+from lite.server.command import main
+
+sys.exit(main())
