@@ -142,9 +142,41 @@ def leaves(obj: torch.Tensor) -> Iterator[torch.Tensor]:
     yield obj
 
 
+#: CPU kernels (MKL, oneDNN) pick their inner loops by the operand's address modulo this (a cache line).
+CPU_ALIGNMENT = 64
+
+
+def cpu_copy_keeping_alignment(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor whose data sits at the same address modulo `CPU_ALIGNMENT` as `t`'s.
+
+    Why: weights read zero-copy from a safetensors mmap are only 8/16-byte aligned, while a fresh
+    tensor is 64-byte aligned, and on the AVX2 code path MKL's GEMM and oneDNN's convolution take a
+    different (differently rounded) loop for the two: an offloaded copy then computed 1 ulp away from
+    the resident weight (one pixel level in an edit). Same alignment, same kernel path, same bits.
+    """
+    offset = t.data_ptr() % CPU_ALIGNMENT
+    if offset == 0 or not t.is_contiguous() or offset % t.element_size():
+        return t.to("cpu", copy=True)
+    nbytes = t.numel() * t.element_size()
+    buf = torch.empty(nbytes + CPU_ALIGNMENT, dtype=torch.uint8)
+    shift = (offset - buf.data_ptr()) % CPU_ALIGNMENT
+    out = buf[shift: shift + nbytes].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def _copy_leaf(t: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    if device.type == "cpu" and t.device.type == "cpu":
+        return cpu_copy_keeping_alignment(t)
+    return t.to(device, non_blocking=non_blocking, copy=True)
+
+
 def copy_to(obj: torch.Tensor, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
-    """A fresh copy of `obj` on `device` with the same packing (no re-quantization, no re-packing)."""
-    return map_leaves(obj, lambda t: t.to(device, non_blocking=non_blocking, copy=True))
+    """A fresh copy of `obj` on `device` with the same packing (no re-quantization, no re-packing).
+
+    CPU to CPU, each leaf keeps its address alignment too (see `cpu_copy_keeping_alignment`).
+    """
+    target = torch.device(device)
+    return map_leaves(obj, lambda t: _copy_leaf(t, target, non_blocking))
 
 
 def pinned_copy(obj: torch.Tensor) -> torch.Tensor:
@@ -155,7 +187,7 @@ def pinned_copy(obj: torch.Tensor) -> torch.Tensor:
 def unpack_cpu_4bit(obj: torch.Tensor) -> torch.Tensor:
     """Undo bitsandbytes' CPU repack (done by a CPU forward) so the weight is valid on a GPU.
 
-    This is what `Params4bit.cuda()` does first; `Params4bit.to("cuda")` skips it (deps.md §3).
+    This is what `Params4bit.cuda()` does first; `Params4bit.to("cuda")` skips it (docs/deps.md §3).
     """
     state = getattr(obj, "quant_state", None)
     if not is_params4bit(obj) or not getattr(state, "packing_format_for_cpu", False):

@@ -82,6 +82,8 @@ def _payload(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Te
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise QuantFormatError(f"module {name!r}: manifest entry is incomplete or invalid ({exc!r})") from None
     payload: dict[str, torch.Tensor] = {}
+    # a backend may name payload parts its kernels read at any alignment: those stay zero-copy mmaps
+    keep = getattr(REGISTRY[entry["backend"]], "zero_copy_components", ())
     for comp, (shape, dtype) in expected.items():
         key = prefix + comp
         if key not in tensors:
@@ -90,7 +92,7 @@ def _payload(name: str, entry: Mapping[str, Any], tensors: Mapping[str, torch.Te
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise QuantFormatError(f"module {name!r}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, "
                                    f"manifest implies {dtype} {shape}")
-        payload[comp] = aligned(t)
+        payload[comp] = t if comp in keep else aligned(t)
     return payload
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 
@@ -45,3 +46,32 @@ def tree_snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes (to prove nothing the user owns changed)."""
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else b"<link>")
             for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
+def run_as_nobody(fn: Callable[[], object]) -> str:
+    """Run `fn` as uid/gid 65534 in a forked child (root reads mode-000 files) and return the message of the
+    user error it raised ("" when it raised none); anything else fails the test with its type and text."""
+    from offload.errors import UserError
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        code = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            fn()
+            message = ""
+        except UserError as exc:
+            message = str(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message, code = f"{type(exc).__name__}: {exc}", 1
+        os.write(write, message.encode())
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out

@@ -16,23 +16,7 @@ import numpy as np
 from PIL import Image
 
 from lite.cli.main import main
-
-PLACEHOLDER = [-301, -300, -302]
-THINK = "<think>\n\n</think>\n\n"
-
-
-def spec_ids(tok, text: str) -> list[int]:
-    ids: list[int] = []
-    for i, chunk in enumerate(text.split("<image>")):
-        if i:
-            ids += PLACEHOLDER
-        if chunk:
-            ids += tok(chunk, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def user(content: str) -> str:
-    return f"<|im_start|>user\n{content}<|im_end|>\n"
+from tests.spec_formulas import THINK, spec_ids, user
 
 
 def test_scripted_chat_follows_the_reference_template(tmp_path, tiny_dir, monkeypatch, capsys):

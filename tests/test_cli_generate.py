@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from lite.cli.main import main
+from tests.spec_formulas import condition_text, spec_ids
 
-PLACEHOLDER = [-301, -300, -302]
 T2I_PREFIX = ("Describe the image by detailing the color, shape, size, texture, quantity, text, and spatial "
               "relationships of the objects:")
 
@@ -25,20 +25,6 @@ def tok(tiny_dir):
     from transformers import Qwen2Tokenizer  # the checkpoint's tokenizer class, not ours
 
     return Qwen2Tokenizer.from_pretrained(str(tiny_dir))
-
-
-def spec_ids(tok, text: str) -> list[int]:
-    ids: list[int] = []
-    for i, chunk in enumerate(text.split("<image>")):
-        if i:
-            ids += PLACEHOLDER
-        if chunk:
-            ids += tok(chunk, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def condition_text(content: str) -> str:
-    return f"<|im_start|>user\n<image>\n{content}<|im_end|>\n"
 
 
 @pytest.fixture

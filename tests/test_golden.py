@@ -98,8 +98,21 @@ def test_case5_conditions_from_ids(golden, golden_model):
         torch.testing.assert_close(golden_model.condition(embeds), golden[f"cond.{expected}"], **TOL)
 
 
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's float32 ulp (the gap from |b| to the next float32 up)."""
+    mag = b.abs()
+    ulp = torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag
+    return (a - b).abs() / ulp
+
+
 def test_case6_timestep_embedding(golden, golden_model):
-    assert torch.equal(timestep_frequencies(256), golden["yak.timestep.freqs"])
+    # ISA-tolerant: f_k = exp(...) in float32. The reference's own result depends on the CPU and build
+    # whose exp() ran it (the fixtures differ from this AMD EPYC's exp by 1 ulp at 5 of 128 entries, and
+    # the reference's expression gives ovis-lite's values here), so it is compared within 2 float32 ulps,
+    # not bitwise. The same expression is still required: a wrong formula is off by millions of ulps.
+    freqs = timestep_frequencies(256)
+    assert freqs.dtype == torch.float32 and freqs.shape == golden["yak.timestep.freqs"].shape
+    assert _ulps(freqs, golden["yak.timestep.freqs"]).max().item() <= 2
     emb = timestep_embedding(golden["yak.timestep.t"])
     torch.testing.assert_close(emb, golden["yak.timestep.embedding"], **TOL)
     yak = golden_model.visual_generator.backbone

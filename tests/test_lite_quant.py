@@ -122,7 +122,9 @@ def test_policy_names_and_overrides():
     assert set(POLICY_NAMES) == {"reference", "quality", "balanced", "low", "tiny", "minimal", "mps", "cpu"}
     assert policy_for("balanced", "cuda").spec("llm").format == "nf4"
     assert policy_for("balanced", "cpu").resolved("llm").backend == "quanto"
-    assert policy_for("mps", "mps").resolved("llm").backend == "quanto"
+    # issue 11: MPS runs torch's packed kernels (Metal implementations), not quanto (whose MPS op never dispatches)
+    assert policy_for("mps", "mps").resolved("llm").backend == "native"
+    assert policy_for("cpu", "cpu").resolved("llm").backend == "native"
     for name in POLICY_NAMES:
         assert "bnb" not in str(policy_for(name, "cpu").formats())
     p = policy_for("balanced").override(llm="int8", vae="fp16")

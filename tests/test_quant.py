@@ -83,7 +83,7 @@ def tiny_lm(seed: int = 0, dtype: torch.dtype = BF16) -> TinyLM:
 def test_spec_validation_lists_valid_values() -> None:
     with pytest.raises(ValueError, match="valid formats: nf4, fp4, int4, int8, fp8, bf16, fp16, none"):
         QuantSpec("int3")
-    with pytest.raises(ValueError, match="valid backends: auto, bnb, quanto, torch"):
+    with pytest.raises(ValueError, match="valid backends: auto, bnb, quanto, native, torch"):
         QuantSpec("int8", backend="gguf")
     with pytest.raises(ValueError, match="implements: nf4, fp4"):
         QuantSpec("int8", backend="bnb")

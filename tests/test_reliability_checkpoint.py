@@ -22,6 +22,7 @@ from lite.errors import CheckpointError, ConfigError
 from lite.model.checkpoint import load_model
 from lite.model.config import load_config, load_preprocessor_config, parse_config
 from lite.model.shards import INDEX_FILE, contained_file, first_non_finite, index_checkpoint
+from tests.reliability_support import run_as_nobody
 from lite.model.tiny import make_tiny, tiny_config_dict
 from tests.reliability_support import run_cli, tree_snapshot
 
@@ -187,32 +188,6 @@ def test_shard_that_is_a_fifo_or_missing(ckpt):
     assert "not a regular file" in _raises(CheckpointError, index_checkpoint, ckpt)
 
 
-def _as_nobody(fn) -> str:
-    """Run `fn` as uid 65534 in a forked child; return the message of the user error it raised."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        code = 0
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            fn()
-            message = "no error"
-        except (CheckpointError, ConfigError) as exc:
-            message = str(exc)
-        except BaseException as exc:  # noqa: BLE001
-            message, code = f"{type(exc).__name__}: {exc}", 1
-        os.write(write, message.encode())
-        os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        out = f.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
-    return out
-
-
 def test_unreadable_config_and_shard_are_one_line(base_ckpt):
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user (root reads mode-000 files)")
@@ -224,11 +199,11 @@ def test_unreadable_config_and_shard_are_one_line(base_ckpt):
         for p in (folder / "ckpt").iterdir():
             p.chmod(0o644)
         (folder / "ckpt" / "config.json").chmod(0o000)
-        msg = _as_nobody(lambda: load_config(folder / "ckpt"))
+        msg = run_as_nobody(lambda: load_config(folder / "ckpt"))
         assert msg == f"config file {folder / 'ckpt' / 'config.json'} is not readable (permission denied)"
         _, shard = _first_shard(folder / "ckpt")
         shard.chmod(0o000)
-        msg = _as_nobody(lambda: index_checkpoint(folder / "ckpt"))
+        msg = run_as_nobody(lambda: index_checkpoint(folder / "ckpt"))
         assert "permission denied" in msg and shard.name in msg
     finally:
         shutil.rmtree(folder)

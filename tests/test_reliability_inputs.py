@@ -20,7 +20,7 @@ from offload.errors import UserError
 from lite.errors import ArgumentTypeError, InputError, OvisLiteError
 from lite.model.images import MAX_INPUT_PIXELS, as_image, load_image, validate_image
 from lite import validation as v
-from tests.reliability_support import run_cli
+from tests.reliability_support import run_as_nobody, run_cli
 
 GiB = 1 << 30
 
@@ -186,37 +186,11 @@ def test_unreadable_image_is_one_line_for_a_non_root_user(tmp_path):
         secret = folder / "secret.png"
         Image.new("RGB", (8, 8)).save(secret)
         secret.chmod(0o000)
-        assert _as_nobody(lambda: load_image(secret)).startswith("image file is not readable (permission denied)")
+        assert run_as_nobody(lambda: load_image(secret)).startswith("image file is not readable (permission denied)")
     finally:
         for p in folder.iterdir():
             p.unlink()
         folder.rmdir()
-
-
-def _as_nobody(fn) -> str:
-    """Run `fn` in a forked child as uid 65534 and return its InputError message ('' if none)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read)
-        code = 0
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            fn()
-            message = ""
-        except InputError as exc:
-            message = str(exc)
-        except BaseException as exc:  # noqa: BLE001 - report anything else to the parent
-            message, code = f"{type(exc).__name__}: {exc}", 1
-        os.write(write, message.encode())
-        os._exit(code)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        out = f.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
                        "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
-                       "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings})
+                       "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
+                       "machine": stats.machine})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -42,7 +43,8 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
     return json.dumps({"task": "understand", "answer": answer, "tokens": tokens,
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
-                       "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes})
+                       "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
+                       "machine": stats.machine})
 
 
 def count_tokens(pipe: Any, answer: str) -> int:

@@ -123,6 +123,10 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         where = f"{run.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
+    if pipe.compute_reason is not None:
+        from lite.runtime.hardware import detect
+
+        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()})")
     return pipe
 
 

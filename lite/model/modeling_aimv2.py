@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lite.model.architecture import OVIS_U1
 from lite.model.config import VisionConfig
 
 
@@ -211,17 +212,32 @@ class VisualTokenizer(nn.Module):
 class VisualEmbedding(nn.Embedding):
     """The VTE table. Float input: probabilities @ table (the reference's matmul, the 4 zero
     indicator columns skipped); integer input: a row lookup. Either way it goes through
-    `forward`, so module hooks (offloading) see every use."""
+    `forward`, so module hooks (offloading) see every use.
+
+    `compute_dtype` None computes in the table's dtype (the reference's own matmul, bitwise). fp32 over
+    a bf16/fp16 table (CPUs without native bf16, where this bf16 matmul runs at ~0.05 GFLOP/s) casts
+    `block_rows` rows at a time and accumulates in fp32, so no fp32 copy of the whole table is made."""
+
+    compute_dtype: torch.dtype | None = None
+    block_rows: int = 4096
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point():
-            return x.to(self.weight.dtype) @ self.weight[: x.shape[-1]]
+            n = x.shape[-1]
+            cd = self.compute_dtype
+            if cd is None or cd == self.weight.dtype:
+                return x.to(self.weight.dtype) @ self.weight[:n]
+            flat = x.reshape(-1, n).to(cd)
+            out = torch.zeros(flat.shape[0], self.embedding_dim, dtype=cd, device=x.device)
+            for start in range(0, n, self.block_rows):
+                stop = min(n, start + self.block_rows)
+                out.addmm_(flat[:, start:stop], self.weight[start:stop].to(cd))
+            return out.reshape(*x.shape[:-1], self.embedding_dim)
         return super().forward(x)
 
 
-INDICATOR_IDS = (-301, -302, -303, -304)
 
 
 def indicator_rows(vocab_size: int) -> list[int]:
     """vte rows for ids -301..-304: V-5..V-2; row V-5 is also the last reachable visual word (spec §3.3)."""
-    return [vocab_size - 5 + i for i in range(len(INDICATOR_IDS))]
+    return [vocab_size - 5 + i for i in range(len(OVIS_U1.indicator_ids))]

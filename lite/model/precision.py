@@ -195,8 +195,8 @@ class Precision:
     `llm`, `vision`, `visual_head`, `yak`: a quant format, "none", or "4bit". `llm_embed`, `vte`:
     "int8" or "none" (the tables use the torch int8 layers). `yak_modulation`: whether Yak's adaLN
     modulation Linears are quantized with the rest of Yak (its embedders and final layer never are).
-    `backend` forces one backend for the Linear components ("auto" lets the chain choose).
-    `vae` is the VAE's storage dtype, `vae_on` overrides it per device type.
+    `backend` forces one backend for the Linear components ("auto" lets the chain choose), `backend_on`
+    per device type (a kernel that exists there). `vae` is the VAE's storage dtype, `vae_on` per device type.
     """
 
     name: str
@@ -210,6 +210,7 @@ class Precision:
     yak: str = "none"
     yak_modulation: bool = False
     backend: str = "auto"
+    backend_on: Mapping[str, str] = field(default_factory=dict)
     vae: str = "fp32"
     vae_on: Mapping[str, str] = field(default_factory=dict)
 
@@ -217,6 +218,7 @@ class Precision:
         """The QuantPolicy for a device type (cpu/cuda/mps/meta)."""
         device_type = torch.device(device_type).type if device_type != "meta" else "meta"
         four = "nf4" if device_type == "cuda" else "int4"
+        backend = self.backend_on.get(device_type, self.backend)
         specs: dict[str, QuantSpec] = {}
         for key in ("llm", "vision", "visual_head", "yak"):
             fmt = getattr(self, key)
@@ -224,7 +226,7 @@ class Precision:
             kw: dict[str, Any] = {}
             if key == "yak" and fmt != "none" and self.yak_modulation:
                 kw["exclude"] = OVIS_U1.yak_keep_bf16
-            specs[key] = _spec(key, fmt, self.backend if fmt != "none" else "auto", **kw)
+            specs[key] = _spec(key, fmt, backend if fmt != "none" else "auto", **kw)
         for key in ("llm_embed", "vte"):
             fmt = getattr(self, key)
             specs[key] = _spec(key, fmt, "torch" if fmt != "none" else "auto")
@@ -261,14 +263,18 @@ LOW = replace(BALANCED, name="low",
 TINY = replace(BALANCED, name="tiny", yak=FOUR_BIT, yak_modulation=False, summary="as balanced, Yak 4-bit",
                description="4 GB GPUs: low, plus Yak 4-bit (NF4 on CUDA / int4 elsewhere; Yak modulation bf16)")
 MINIMAL = replace(TINY, name="minimal", vision=FOUR_BIT, summary="as tiny, ViT 4-bit", description="2 GB GPUs: tiny, plus the vision backbone 4-bit")
-MPS = replace(BALANCED, name="mps", llm="int4", backend="quanto", vae="bf16", vae_on={"mps": "fp16"},
-              summary="quanto int4 LLM, int8 elsewhere, fp16 VAE",
-              description="Apple: balanced formats with quanto everywhere (no bitsandbytes): LLM int4 g128, the "
-                          "rest int8")
-# bf16 embedding and head: the int8 head would be dequantized at every decoded token.
-CPU = Precision("cpu", "CPU: only the decode-bound LLM layers are quantized (int4; bf16 embedding/head); "
-                "compute-bound parts (vision, visual head, VTE, Yak) stay bf16; VAE fp32", llm="int4",
-                summary="LLM int4, bf16 elsewhere, fp32 VAE")
+# torch's packed-weight kernels have Metal implementations (quanto's MPS int8 op is never dispatched).
+MPS = replace(BALANCED, name="mps", llm="int4", backend_on={"mps": "native", "cpu": "native"}, vae="bf16",
+              vae_on={"mps": "fp16"},
+              summary="int4 LLM, int8 elsewhere (torch packed kernels), fp16 VAE",
+              description="Apple: balanced formats on torch's packed int4/int8 kernels, which have Metal "
+                          "implementations (no bitsandbytes, no quanto): LLM int4 g128, the rest int8")
+# bf16 embedding and head: the int8 head would be dequantized at every decoded token. The compute dtype is
+# the CPU's (bf16 where bf16 GEMMs are native, else fp32 over the same bf16 storage: lite/runtime/hardware.py).
+CPU = Precision("cpu", "CPU: only the decode-bound LLM layers are quantized (native int4; bf16 embedding/head); "
+                "compute-bound parts (vision, visual head, VTE, Yak) stored bf16 and computed in bf16 where the "
+                "CPU has native bf16, else fp32; VAE fp32", llm="int4", backend_on={"cpu": "native", "mps": "native"},
+                summary="LLM int4, bf16 storage elsewhere, fp32 VAE; compute per CPU")
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (REFERENCE, QUALITY, BALANCED, LOW, TINY, MINIMAL, MPS, CPU)}
 

@@ -12,7 +12,6 @@ Paging lives in `OffloadSession`, planning in `lite.runtime.planning`: this file
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,15 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from lite.errors import InputError, Notice
+from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
-from lite.model.checkpoint import LoadReport, find_checkpoint, load_model, load_quantized_model, model_id_of
+from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
 from lite.model.config import PreprocessorConfig, load_preprocessor_config
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.modeling_yak import RefinedText
-from lite.model.prequantized import is_quantized_checkpoint
 from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_size,
                                    generation_prompt, generation_vision_input, preprocess_image, stretch, t2i_size,
                                    tokenize_with_images, truncate_left, unconditional, understanding_prompt,
@@ -39,9 +37,10 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
-from lite.runtime.streaming import stream_tokens
+from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
-from lite.runtime.devices import dtype_label, resolve_device, resolve_dtype
+from lite.runtime.devices import dtype_label, resolve_device
+from lite.runtime.loading import choose_cpu_compute, load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
 from lite.sampling import Guidance, guided_nfe
@@ -65,6 +64,7 @@ class RunStats:
     peak_device_bytes: int | None = None
     peak_rss_bytes: int = 0
     tokens: int = 0  # understanding: generated tokens
+    machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -85,6 +85,9 @@ class OvisPipeline:
         self.model_id = "AIDC-AI/Ovis-U1-3B"
         self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
         self.preset: Preset | None = None
+        self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
+        self.compute_reason: str | None = None  # why this compute dtype, for the load report
+        self._fp32_compute: Any = None
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -103,45 +106,26 @@ class OvisPipeline:
         """
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
-        if preset is None:
-            if is_quantized_checkpoint(directory):
-                model, report = load_quantized_model(directory, device=dev, progress=progress)
-            else:
-                compute = resolve_dtype(dtype)
-                vae_prefix = OvisU1.architecture.prefix("vae")
-
-                def dtype_for(name: str) -> torch.dtype:
-                    return vae_dtype if name.startswith(vae_prefix) else compute
-
-                model, report = load_model(directory, device=dev, dtype=dtype_for, progress=progress)
-            pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                       progress, report)
-            pipe.model_id = model_id_of(directory)
-            return pipe
-        preset = get_preset(preset)
-        if dev.type not in preset.devices:
-            warnings.warn(f"preset {preset.name} is meant for {'/'.join(preset.devices)}, not {dev.type}: its "
-                          f"budget and kernels were not chosen for this device", Notice, stacklevel=2)
-        budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
-        paging = preset.offload and budget is not None and dev.type in ("cuda", "mps")
-        host = torch.device("cpu") if paging else dev
-        override = None if dtype in (None, "auto") else resolve_dtype(dtype)
-        model, report = load_quantized_model(directory, preset.precision.policy(dev.type), device=host,
-                                             dtype=override, progress=progress)
+        preset = get_preset(preset) if preset is not None else None
+        model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
         pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                       progress, report)
+                   progress, report)
         pipe.model_id = model_id_of(directory)
-        pipe.preset = preset
-        pipe.set_vae_tiling(preset.vae_tile)
-        if paging:
+        if preset is not None:
+            pipe.preset = preset
+            pipe.set_vae_tiling(preset.vae_tile)
+        if budget is not None:
             pipe.enable_offload(budget)
+        if dtype in (None, "auto") and dev.type == "cpu":
+            pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.visual_generator.backbone.img_in.weight.dtype
+        """The compute dtype (weights may be stored narrower: bf16 storage with fp32 compute on some CPUs)."""
+        return self.compute_dtype or self.model.visual_generator.backbone.img_in.weight.dtype
 
     @property
     def vae(self) -> Any:
@@ -270,8 +254,7 @@ class OvisPipeline:
             return self._stream(generate_kwargs(), stats, start)
 
         def run() -> str:
-            with torch.no_grad():
-                out = self.model.llm.generate(**generate_kwargs())
+            out = generate_on(self.model.llm, generate_kwargs(), [], self.device)
             stats.tokens = int(out.shape[-1])
             return self.tokenizer.decode(out[0], skip_special_tokens=True)
 
@@ -439,6 +422,10 @@ class OvisPipeline:
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
+        if self.device.type == "cpu":
+            from lite.runtime.hardware import detect
+
+            stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
         self.last_run = stats
         return stats
 

@@ -65,8 +65,11 @@ def preset_workload(preset: Preset, task: str, width: int, height: int, device_t
                     max_new_tokens: int = 1024) -> Workload:
     nfe = preset.nfe(task) if task != "understand" else None
     vae_dtype = preset.precision.policy(device_type).vae_dtype
+    # A CPU without native bf16 computes in fp32 (lite/runtime/loading.py): plan for the wider activations
+    # wherever the run could land on one, so a plan is an upper bound on every CPU.
+    dtype_bytes = 4 if device_type == "cpu" else 2
     return Workload(task, width=width, height=height, steps=preset.steps, nfe=nfe, device_type=device_type,
-                    max_new_tokens=max_new_tokens, vae_tile=preset.vae_tile,
+                    max_new_tokens=max_new_tokens, vae_tile=preset.vae_tile, dtype_bytes=dtype_bytes,
                     vae_dtype_bytes=torch.finfo(vae_dtype).bits // 8)
 
 

@@ -65,7 +65,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            MINIMAL, "2 GB GPUs", budget_bytes=2 * GiB, vae_tile=512, devices=("cuda",), auto_on=("cuda",), any_card=True, **LEAN),
     Preset("mps", "Apple unified memory: small quanto weights, nothing pointlessly offloaded to the CPU",
            MPS, "Apple silicon", budget_bytes=None, offload=False, vae_tile=1024, devices=("mps",), auto_on=("mps",), **FAST),
-    Preset("cpu", "plain CPU: only the LLM layers quantized (int4), bf16 elsewhere for AMX speed, 8-step UniPC",
+    Preset("cpu", "plain CPU: native int4 LLM layers, bf16 storage elsewhere, computed in bf16 where the CPU has "
+           "native bf16 and in fp32 where it does not; 8-step UniPC",
            CPU, "no GPU", budget_bytes=None, offload=False, devices=("cpu",), auto_on=("cpu",), **CPU_FAST),
 )}
 

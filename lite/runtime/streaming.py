@@ -24,6 +24,40 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class DecodeThreads(StoppingCriteria):
+    """On a CPU, decode with the thread count that measured fastest (`hardware.decode_thread_count`: a
+    memory-bound GEMV often runs faster on one thread than on two that spin), but leave the prompt's
+    compute-bound forward on all of them. transformers calls a stopping criterion first right after the
+    prompt's forward, which is where the switch happens; `restore` puts the count back."""
+
+    def __init__(self) -> None:
+        self.before: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        if self.before is None:
+            from lite.runtime.hardware import decode_thread_count
+
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(decode_thread_count())
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+    def restore(self) -> None:
+        if self.before is not None:
+            torch.set_num_threads(self.before)
+            self.before = None
+
+
+def generate_on(llm: Any, kwargs: dict[str, Any], criteria: list[StoppingCriteria], device: torch.device) -> Any:
+    """`llm.generate(**kwargs)` with `criteria`, and the decode thread policy on a CPU."""
+    threads = DecodeThreads() if device.type == "cpu" else None
+    try:
+        with torch.no_grad():
+            return llm.generate(**kwargs, stopping_criteria=StoppingCriteriaList(criteria + ([threads] if threads else [])))
+    finally:
+        if threads is not None:
+            threads.restore()
+
+
 def stream_tokens(llm: Any, tokenizer: Any, kwargs: dict[str, Any], stats: Any) -> Iterator[str]:
     """Text pieces of `llm.generate(**kwargs)` as they are decoded; `stats.tokens` counts generated tokens."""
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -32,8 +66,7 @@ def stream_tokens(llm: Any, tokenizer: Any, kwargs: dict[str, Any], stats: Any) 
 
     def run() -> None:
         try:
-            with torch.no_grad():
-                llm.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop, stats)]))
+            generate_on(llm, {**kwargs, "streamer": streamer}, [_StopWhenSet(stop, stats)], llm.device)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(exc)
             streamer.end()

@@ -12,12 +12,13 @@ from torch import nn
 
 from ..errors import QuantBackendError
 from ..spec import QuantSpec
-from . import bnb, quanto, torch_int8
+from . import bnb, quanto, torch_int8, torch_native
 from .base import Backend, LayerKind
 
 REGISTRY: dict[str, Backend] = {
     bnb.name: bnb,
     quanto.name: quanto,
+    torch_native.name: torch_native,
     torch_int8.name: torch_int8,
 }
 

@@ -1,0 +1,406 @@
+"""What this CPU can do fast, and how many threads to give it: the facts the CPU path is chosen from.
+
+Why: bf16 GEMMs are native only on some CPUs (AMX, AVX512-BF16, ARM bf16); elsewhere torch emulates
+them ~10-90x slower than fp32, so the compute dtype is picked per instruction set. The instruction set
+that counts is the one torch really dispatches: `ATEN_CPU_CAPABILITY` and `ONEDNN_MAX_CPU_ISA` can
+lower it below what /proc/cpuinfo lists, and are honoured here.
+
+Threads: intra-op threads default to physical cores and inter-op threads to 1. OpenMP's busy-wait
+makes a 2-thread decode GEMV 2-30x slower than 1 thread when another process holds a core (measured
+on a shared 2-core AMD EPYC), so `early_environment()` (applied before torch is imported) makes
+idle OpenMP threads sleep, and `decode_threads()` measures 1 thread against all of them on a decode-
+sized GEMV and runs token generation with the faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: `early_environment()` must run before torch is
+# imported (OpenMP reads its variables once), so importing this module must not import torch.
+
+X86_FEATURES: tuple[str, ...] = ("amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "fma")
+ARM_FEATURES: tuple[str, ...] = ("neon", "bf16", "i8mm", "dotprod")
+#: /proc/cpuinfo "Features" words (aarch64) -> our names
+_ARM_WORDS: dict[str, str] = {"asimd": "neon", "bf16": "bf16", "i8mm": "i8mm", "asimddp": "dotprod"}
+#: macOS sysctl keys -> our names (first key found wins)
+_MAC_KEYS: dict[str, tuple[str, ...]] = {
+    "neon": ("hw.optional.AdvSIMD", "hw.optional.neon"),
+    "bf16": ("hw.optional.arm.FEAT_BF16",),
+    "i8mm": ("hw.optional.arm.FEAT_I8MM",),
+    "dotprod": ("hw.optional.arm.FEAT_DotProd",),
+}
+#: oneDNN's ISA ladder (ONEDNN_MAX_CPU_ISA), lowest first, and the x86 features each level allows
+_ONEDNN_LADDER: tuple[tuple[str, frozenset[str]], ...] = (
+    ("SSE41", frozenset()),
+    ("AVX", frozenset()),
+    ("AVX2", frozenset({"avx2", "fma"})),
+    ("AVX2_VNNI", frozenset({"avx2", "fma"})),
+    ("AVX2_VNNI_2", frozenset({"avx2", "fma"})),
+    ("AVX512_CORE", frozenset({"avx2", "fma", "avx512f"})),
+    ("AVX512_CORE_VNNI", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})),
+    ("AVX512_CORE_BF16", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})),
+    ("AVX10_1_512", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})),
+    ("AVX512_CORE_FP16", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})),
+    ("AVX10_1_512_AMX", frozenset(X86_FEATURES)),
+    ("AVX512_CORE_AMX", frozenset(X86_FEATURES)),
+    ("AVX10_1_512_AMX_FP16", frozenset(X86_FEATURES)),
+    ("AVX512_CORE_AMX_FP16", frozenset(X86_FEATURES)),
+    ("ALL", frozenset(X86_FEATURES)),
+)
+#: ATen's dispatch capability -> the x86 features its kernels may use
+_ATEN_CAPS: dict[str, frozenset[str]] = {
+    "DEFAULT": frozenset(), "AVX2": frozenset({"avx2", "fma"}), "AVX512": frozenset(X86_FEATURES),
+}
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instruction-set facts one CPU offers, after the caps torch runs under."""
+
+    arch: str  # "x86_64", "aarch64", "arm64", ...
+    model: str
+    features: tuple[str, ...]  # usable (listed by the CPU and allowed by the caps), in X86/ARM_FEATURES order
+    listed: tuple[str, ...] = ()  # what the CPU itself reports, before caps
+    capability: str = ""  # torch.backends.cpu.get_cpu_capability()
+    physical_cores: int = 1
+    logical_cores: int = 1
+    bandwidth_gbs: float | None = None  # measured copy bandwidth, bytes read + written per second / 1e9
+    notes: tuple[str, ...] = field(default=())
+
+    def has(self, feature: str) -> bool:
+        return feature in self.features
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["features"], out["listed"], out["notes"] = list(self.features), list(self.listed), list(self.notes)
+        out["native_bf16"] = native_bf16(self)
+        return out
+
+    def describe(self) -> str:
+        """One line for the load report, e.g. 'AMD EPYC (x86_64): avx2 fma; 2 cores; 15.8 GB/s'."""
+        parts = [f"{self.model} ({self.arch}): {' '.join(self.features) or 'no SIMD extensions we use'}"]
+        if self.capability:
+            parts.append(f"torch kernels {self.capability}")
+        parts.append(f"{self.physical_cores} core{'s' if self.physical_cores != 1 else ''}")
+        if self.bandwidth_gbs is not None:
+            parts.append(f"{self.bandwidth_gbs:.1f} GB/s copy")
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing (pure functions of text, so they are tested on canned inputs)
+# ---------------------------------------------------------------------------------------------
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str], set[str]]:
+    """(model, x86 flags, arm features) from a Linux /proc/cpuinfo text (first processor block)."""
+    model = ""
+    x86: set[str] = set()
+    arm: set[str] = set()
+    implementer = part = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key == "model name" and not model:
+            model = value
+        elif key == "flags" and not x86:
+            x86 = set(value.split())
+        elif key == "features" and not arm:
+            arm = {_ARM_WORDS[w] for w in value.split() if w in _ARM_WORDS}
+        elif key == "cpu implementer" and not implementer:
+            implementer = value
+        elif key == "cpu part" and not part:
+            part = value
+        elif key == "hardware" and not model:
+            model = value
+    if not model and implementer:
+        model = f"ARM CPU (implementer {implementer}, part {part or '?'})"
+    return model, {f for f in X86_FEATURES if f in x86}, arm
+
+
+def parse_sysctl(values: Mapping[str, str]) -> set[str]:
+    """ARM features from macOS `sysctl hw.optional.*` key -> value ("1" = present)."""
+    found = set()
+    for feat, keys in _MAC_KEYS.items():
+        for k in keys:
+            if k in values:
+                if values[k].strip() == "1":
+                    found.add(feat)
+                break
+    return found
+
+
+def allowed_x86(capability: str, onednn_max_isa: str | None) -> frozenset[str]:
+    """x86 features torch may really use under its dispatch capability and oneDNN's ISA cap.
+
+    bf16/AMX GEMMs run in oneDNN and vectorised elementwise kernels in ATen: a feature counts when
+    both allow it (a lowered ATEN_CPU_CAPABILITY also lowers how fast the fp32 fallback casts run).
+    """
+    aten = _ATEN_CAPS.get(capability.upper(), frozenset(X86_FEATURES))
+    if not onednn_max_isa:
+        return aten
+    names = [n for n, _ in _ONEDNN_LADDER]
+    level = onednn_max_isa.strip().upper()
+    onednn = dict(_ONEDNN_LADDER).get(level, frozenset(X86_FEATURES) if level not in names else frozenset())
+    return aten & onednn
+
+
+def order(found: set[str], arch: str) -> tuple[str, ...]:
+    ref = ARM_FEATURES if is_arm(arch) else X86_FEATURES
+    return tuple(f for f in ref if f in found)
+
+
+def is_arm(arch: str) -> bool:
+    return arch.lower() in ("aarch64", "arm64", "armv8", "armv8l") or arch.lower().startswith("arm")
+
+
+def features_from(arch: str, model: str, listed: set[str], capability: str, onednn_max_isa: str | None,
+                  physical: int, logical: int) -> CpuFeatures:
+    """Combine what the CPU lists with what torch is allowed to use."""
+    notes: list[str] = []
+    usable = set(listed)
+    if not is_arm(arch):
+        usable &= allowed_x86(capability, onednn_max_isa)
+        capped = sorted(set(listed) - usable)
+        if capped:
+            notes.append(f"not used by torch here (ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA): {' '.join(capped)}")
+    return CpuFeatures(arch, model or platform.processor() or arch, order(usable, arch), order(set(listed), arch),
+                       capability, max(1, physical), max(1, logical), None, tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------
+# this machine
+# ---------------------------------------------------------------------------------------------
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _sysctl(keys: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in keys:
+        try:
+            res = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=2, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if res.returncode == 0 and res.stdout.strip():
+            out[key] = res.stdout.strip()
+    return out
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (psutil, then os.cpu_count; capped by the affinity mask)."""
+    n: int | None = None
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil missing or unable to read the topology
+        n = None
+    n = n or os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            n = min(n, len(affinity(0)))
+        except OSError:
+            pass
+    return max(1, n)
+
+
+@functools.cache
+def detect() -> CpuFeatures:
+    """This CPU's features (cached; bandwidth is measured separately by `memory_bandwidth`)."""
+    import torch
+
+    arch = platform.machine() or "unknown"
+    capability = torch.backends.cpu.get_cpu_capability()
+    logical = os.cpu_count() or 1
+    model, x86, arm = parse_cpuinfo(_read("/proc/cpuinfo"))
+    if platform.system() == "Darwin":
+        keys = tuple(k for ks in _MAC_KEYS.values() for k in ks) + ("machdep.cpu.brand_string",)
+        values = _sysctl(keys)
+        model = values.get("machdep.cpu.brand_string", model)
+        arm = parse_sysctl(values) if is_arm(arch) else arm
+    listed = arm if is_arm(arch) else x86
+    if not listed and not is_arm(arch):  # no /proc/cpuinfo (e.g. Windows): torch's own dispatch level
+        listed = set(_ATEN_CAPS.get(capability, frozenset())) - {"amx_bf16", "avx512_bf16", "avx512_vnni"}
+        if capability == "AVX512":
+            listed |= {"avx512f"}
+    return features_from(arch, model, listed, capability, os.environ.get("ONEDNN_MAX_CPU_ISA"),
+                         physical_cores(), logical)
+
+
+@functools.cache
+def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
+    """Copy bandwidth in GB/s (bytes read + written), best of `repeats` copies of `nbytes` (cached)."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def with_bandwidth(features: CpuFeatures | None = None) -> CpuFeatures:
+    from dataclasses import replace
+
+    f = features or detect()
+    return replace(f, bandwidth_gbs=memory_bandwidth())
+
+
+# ---------------------------------------------------------------------------------------------
+# choices
+# ---------------------------------------------------------------------------------------------
+
+def native_bf16(features: CpuFeatures) -> bool:
+    """True where a bf16 GEMM runs in hardware: AMX-BF16, AVX512-BF16, or ARM's bf16 extension."""
+    return any(features.has(f) for f in ("amx_bf16", "avx512_bf16")) or (is_arm(features.arch)
+                                                                         and features.has("bf16"))
+
+
+def cpu_compute_dtype(features: CpuFeatures | None = None) -> tuple[torch.dtype, str]:
+    """(compute dtype, the reason in words) for the CPU path; bf16 only where it is native."""
+    import torch
+
+    f = features or detect()
+    if f.has("amx_bf16"):
+        return torch.bfloat16, "bf16 compute: this CPU has native bf16 (AMX)"
+    if f.has("avx512_bf16"):
+        return torch.bfloat16, "bf16 compute: this CPU has native bf16 (AVX512-BF16)"
+    if is_arm(f.arch) and f.has("bf16"):
+        return torch.bfloat16, "bf16 compute: this CPU has native bf16 (ARM bf16)"
+    return torch.float32, "fp32 compute: this CPU has no native bf16"
+
+
+def early_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables to set before torch is imported (OpenMP reads them once, at start-up).
+
+    Idle OpenMP threads sleep instead of spinning (a spinning thread steals the core a busy neighbour
+    or the tokenizer needs), and HF tokenizers do not start a second thread pool. A variable the user
+    has already set is left alone. Apply with `os.environ.update(early_environment())`.
+    """
+    env = os.environ if environ is None else environ
+    wanted = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    return {k: v for k, v in wanted.items() if k not in env}
+
+
+_THREADS: dict[str, int] = {}
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Intra-op threads = n (default: physical cores), inter-op threads = 1; returns the intra-op count.
+
+    Inter-op threads can only be set before the first parallel work and only once per process; if
+    that moment has passed, the existing pool is kept (it only matters for torch.jit forks).
+    """
+    import torch
+
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    threads = n or physical_cores()
+    torch.set_num_threads(threads)
+    if "interop" not in _THREADS:
+        try:
+            torch.set_num_interop_threads(1)
+            _THREADS["interop"] = 1
+        except RuntimeError:  # parallel work already started, or set before
+            _THREADS["interop"] = torch.get_num_interop_threads()
+    _THREADS["intra"] = threads
+    return threads
+
+
+def intra_threads() -> int:
+    import torch
+
+    return _THREADS.get("intra") or torch.get_num_threads()
+
+
+def _gemv_seconds(threads: int, weight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, calls: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch._weight_int8pack_mm(x, weight, scale)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        torch._weight_int8pack_mm(x, weight, scale)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+_DECODE: dict[int, int] = {}
+
+
+def measure_decode_threads(max_threads: int | None = None, rounds: int = 3, calls: int = 5,
+                           shape: tuple[int, int] = (6144, 6144)) -> dict[int, float]:
+    """Median seconds of a decode-sized int8 GEMV (bf16 activations) per candidate thread count,
+    measured interleaved (1 thread, then all of them, `rounds` times; ~100 ms in all)."""
+    import torch
+
+    n = max_threads or intra_threads()
+    candidates = sorted({1, n})
+    w = torch.ones(shape, dtype=torch.int8)
+    s = torch.ones(shape[0], dtype=torch.bfloat16)
+    x = torch.ones(1, shape[1], dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    best: dict[int, float] = {c: float("inf") for c in candidates}
+    try:
+        for _ in range(rounds):
+            for c in candidates:
+                best[c] = min(best[c], _gemv_seconds(c, w, s, x, calls))
+    finally:
+        torch.set_num_threads(before)
+    return best
+
+
+def decode_thread_count(recalibrate: bool = False) -> int:
+    """The thread count a decode step runs fastest with here (measured once per process)."""
+    n = intra_threads()
+    if n == 1:
+        return 1
+    if recalibrate or n not in _DECODE:
+        times = measure_decode_threads(n)
+        # more threads only when clearly faster: a tie goes to 1 thread (nothing to wait on)
+        _DECODE[n] = n if times[n] < 0.8 * times[1] else 1
+    return _DECODE[n]
+
+
+@contextlib.contextmanager
+def decode_threads(recalibrate: bool = False) -> Iterator[int]:
+    """Run token generation with the measured-fastest thread count, then restore the previous one."""
+    import torch
+
+    before = torch.get_num_threads()
+    count = decode_thread_count(recalibrate)
+    torch.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "configure_threads", "cpu_compute_dtype",
+           "decode_thread_count", "decode_threads", "detect", "early_environment", "features_from",
+           "measure_decode_threads", "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl",
+           "physical_cores", "with_bandwidth"]

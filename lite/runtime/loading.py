@@ -1,0 +1,66 @@
+"""Loading the weights a run needs: in the preset's precision (or one dtype), on the host when they will page,
+and on a CPU the compute dtype the instruction set makes fast."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lite.errors import Notice
+from lite.model.checkpoint import LoadReport, load_model, load_quantized_model
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.prequantized import is_quantized_checkpoint
+from lite.runtime.devices import resolve_dtype
+from lite.runtime.presets import Preset
+
+
+def load_weights(directory: Path, device: torch.device, dtype: str | torch.dtype | None, vae_dtype: torch.dtype,
+                 preset: Preset | None, budget_bytes: int | None,
+                 progress: bool) -> tuple[OvisU1, LoadReport, int | None]:
+    """(model, report, paging budget or None).
+
+    Without a preset: every weight in `dtype` (bf16 by default), the VAE in `vae_dtype` (a pre-quantized
+    checkpoint keeps its own formats). With one: its precision applied while the tensors stream in and,
+    on CUDA/MPS with a paging preset, the weights kept on the host to page inside the budget.
+    """
+    if preset is None:
+        if is_quantized_checkpoint(directory):
+            model, report = load_quantized_model(directory, device=device, progress=progress)
+            return model, report, None
+        compute = resolve_dtype(dtype)
+        vae_prefix = OvisU1.architecture.prefix("vae")
+
+        def dtype_for(name: str) -> torch.dtype:
+            return vae_dtype if name.startswith(vae_prefix) else compute
+
+        model, report = load_model(directory, device=device, dtype=dtype_for, progress=progress)
+        return model, report, None
+    if device.type not in preset.devices:
+        warnings.warn(f"preset {preset.name} is meant for {'/'.join(preset.devices)}, not {device.type}: its "
+                      f"budget and kernels were not chosen for this device", Notice, stacklevel=3)
+    budget = budget_bytes if budget_bytes is not None else preset.budget_bytes
+    paging = preset.offload and budget is not None and device.type in ("cuda", "mps")
+    override = None if dtype in (None, "auto") else resolve_dtype(dtype)
+    model, report = load_quantized_model(directory, preset.precision.policy(device.type),
+                                         device=torch.device("cpu") if paging else device, dtype=override,
+                                         progress=progress)
+    return model, report, budget if paging else None
+
+
+def choose_cpu_compute(model: OvisU1) -> tuple[torch.dtype | None, str, Any]:
+    """(compute dtype if it differs from the stored weights, the reason in words, the removable handle).
+
+    bf16 where the CPU's bf16 GEMMs are native; else fp32 compute over the stored bf16 or quantized
+    weights (`quant.compute`), so the memory stays what was planned.
+    """
+    from lite.runtime.hardware import cpu_compute_dtype
+
+    compute, reason = cpu_compute_dtype()
+    if compute == torch.float32 and model.visual_generator.backbone.img_in.weight.dtype != torch.float32:
+        from quant.compute import use_fp32_compute
+
+        return torch.float32, reason, use_fp32_compute(model)
+    return None, reason, None
