@@ -14,7 +14,8 @@ Model-agnostic and removable (`use_fp32_compute(root).remove()`), per module, by
   RMSNorm's scale, a block's modulation table) sees fp32 copies of them during its forward only, and
   its floating inputs cast to fp32; except that an nn.Linear called on <= `SMALL_ROWS` rows (decode)
   runs its memory-bound bf16 GEMV as stored and returns fp32;
-- layers a quantization backend built (quanto, bnb, ...) are left alone.
+- layers a quantization backend built (quanto, bnb, ...) keep their own kernel and dtype: their inputs are cast
+  to it and their outputs back to fp32, so the tree around them stays fp32.
 """
 
 from __future__ import annotations
@@ -117,6 +118,15 @@ def _embedding_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     return _to_fp32(output)
 
 
+def _backend_input_hook(mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A backend layer gets its activations in the dtype it was built for (quanto and bnb layers compute in
+    their own base dtype and may refuse fp32 inputs)."""
+    dtype = getattr(mod, "compute_dtype", None) or getattr(getattr(mod, "weight", None), "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == torch.float32:
+        return args
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def use_fp32_compute(root: nn.Module) -> Fp32Compute:
     """Make every layer under `root` compute in fp32 while its weights stay as stored (see module doc)."""
     state = Fp32Compute()
@@ -128,6 +138,9 @@ def use_fp32_compute(root: nn.Module) -> Fp32Compute:
                 module.compute_dtype = torch.float32
             continue
         if _is_backend_layer(module):
+            # it runs its own kernel in its own dtype; the rest of the tree must still see fp32
+            state.handles.append(module.register_forward_pre_hook(_backend_input_hook))
+            state.handles.append(module.register_forward_hook(_embedding_hook))
             continue
         if isinstance(module, nn.Embedding):
             if module.weight.dtype in LOW_PRECISION:

@@ -46,3 +46,17 @@ def test_the_planner_counts_fp32_activations_on_a_cpu():
 
     assert preset_workload(PRESETS["cpu"], "t2i", 512, 512, "cpu").dtype_bytes == 4
     assert preset_workload(PRESETS["balanced"], "t2i", 512, 512, "cuda").dtype_bytes == 2
+
+
+def test_fp32_compute_around_quantized_layers(tiny_dir, monkeypatch):
+    """quanto/bnb layers keep their own kernel and dtype; the tree around them stays fp32 (an attention mixing
+    an fp32 query with a bf16 value from a quantized projection would refuse to run)."""
+    import warnings
+
+    monkeypatch.setattr(hardware, "cpu_compute_dtype", lambda features=None: (torch.float32, "fp32 compute: test"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="balanced", progress=False)
+    assert pipe.dtype == torch.float32
+    assert pipe.generate("a fox", width=32, height=32, steps=1).size == (32, 32)
+    assert isinstance(pipe.understand([], "What is it?", max_new_tokens=2), str)
