@@ -26,7 +26,7 @@ def write_full_checkpoint(out: Path, generator_fp32: bool, shard_bytes: int = 2 
 
     from lite.model.config import parse_config
     from lite.model.sizes import meta_model
-    from lite.model.modeling_ovis_u1 import TIED_KEYS
+    from lite.model.architecture import OVIS_U1
 
     config_text = resources.files("lite").joinpath("data/config.json").read_text()
     for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
@@ -45,7 +45,7 @@ def write_full_checkpoint(out: Path, generator_fp32: bool, shard_bytes: int = 2 
         shard, size = {}, 0
 
     for key, t in model.state_dict().items():
-        if key in TIED_KEYS or key.endswith("inv_freq"):
+        if key in OVIS_U1.tied_weights_keys or key.endswith("inv_freq"):
             continue
         dtype = torch.float32 if generator_fp32 and key.startswith("visual_generator.") else torch.bfloat16
         value = torch.empty(t.shape, dtype=dtype).normal_(0, 0.02, generator=gen)

@@ -79,19 +79,10 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
                      machine, progress_enabled(args), notices)
 
 
-def context_limit(config: Any) -> int:
-    """Most new tokens an answer may have: the LLM's positions past the longest prompt window."""
-    positions = int(config.llm.get("max_position_embeddings", 0) or 0)
-    prompt = int(config.multimodal_max_length)
-    if positions <= 0:
-        return prompt
-    return positions - prompt if positions > prompt else positions
-
-
 def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
     from lite.errors import InputError
 
-    limit = context_limit(config)
+    limit = config.answer_token_limit
     if max_new_tokens > limit:
         raise InputError(f"--max-new-tokens {max_new_tokens} is past the model's context: at most {limit} "
                          f"(the LLM's {config.llm.get('max_position_embeddings')} positions less the "

@@ -21,9 +21,6 @@ from lite.model.architecture import OVIS_U1, Architecture
 from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer, indicator_rows
 from lite.model.modeling_yak import YakTransformer
 
-TIED_KEYS = OVIS_U1.tied_weights_keys
-
-
 class VisualGenerator(nn.Module):
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()

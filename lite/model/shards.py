@@ -22,7 +22,7 @@ from torch import nn
 
 from lite.errors import CheckpointError
 from lite.model.config_fields import read_json_file
-from lite.model.modeling_ovis_u1 import TIED_KEYS
+from lite.model.architecture import OVIS_U1
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -188,7 +188,7 @@ def validate_checkpoint(model: nn.Module, entries: dict[str, TensorEntry]) -> No
     """Names, shapes and stored dtype kinds must fit the module's; the tied LM head may be present or absent."""
     state = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(k for k in expected if k not in entries and k not in TIED_KEYS)
+    missing = sorted(k for k in expected if k not in entries and k not in OVIS_U1.tied_weights_keys)
     unexpected = sorted(k for k in entries if k not in expected)
     misshaped = [f"{k} {list(entries[k].shape)} (expected {list(expected[k])})"
                  for k in sorted(expected) if k in entries and entries[k].shape != expected[k]]

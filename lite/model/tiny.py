@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from lite.model.config import parse_config
-from lite.model.modeling_ovis_u1 import TIED_KEYS, OvisU1
+from lite.model.architecture import OVIS_U1
+from lite.model.modeling_ovis_u1 import OvisU1
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 TINY_LLM_VOCAB = 512
@@ -110,7 +111,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if name in TIED_KEYS:
+        if name in OVIS_U1.tied_weights_keys:
             continue
         if leaf in ("pos_embed", "cls_token") or name.endswith(("embed_tokens.weight", "vte.weight")):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
@@ -136,7 +137,7 @@ def _shards(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]
 def write_checkpoint(out: Path, model: torch.nn.Module, config: dict[str, Any], dtype: torch.dtype) -> None:
     """Shards + index + config.json, in the HF layout (tied lm_head not stored)."""
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
-             if k not in TIED_KEYS and not k.endswith("inv_freq")}
+             if k not in OVIS_U1.tied_weights_keys and not k.endswith("inv_freq")}
     total = 0
     weight_map: dict[str, str] = {}
     for fname, tensors in _shards(state).items():
