@@ -332,9 +332,19 @@ def _pp_zero(ckpt: Path) -> str:
     return "preprocessor_config.json: key 'patch_size' must be an integer >= 1"
 
 
-# Three real processes (one fault found from the index, one while streaming, one in a config file);
+def _qwen3_rejects(ckpt: Path) -> str:
+    # Our own parse accepts any rope_scaling object; transformers' Qwen3Config (run before loading, not while a
+    # table is drawn) wants a factor for "linear".
+    data = json.loads((ckpt / "config.json").read_text())
+    data["llm_config"]["rope_scaling"] = {"rope_type": "linear"}
+    (ckpt / "config.json").write_text(json.dumps(data))
+    return "config.json: key 'llm_config' is not a valid Qwen3 config"
+
+
+# Four real processes (one fault found from the index, one while streaming, one in a config file);
 # the other corruptions run the same code through the API above, and each CLI start costs seconds.
-@pytest.mark.parametrize("corrupt", [_escape, _nan, _pp_zero], ids=["index-escape", "nan-weight", "preprocessor-zero"])
+@pytest.mark.parametrize("corrupt", [_escape, _nan, _pp_zero, _qwen3_rejects],
+                         ids=["index-escape", "nan-weight", "preprocessor-zero", "qwen3-config"])
 def test_cli_corrupt_checkpoint_is_one_line(ckpt, tmp_path, corrupt):
     fragment = corrupt(ckpt)
     image = tmp_path / "img.png"

@@ -65,6 +65,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     notices = [fallback] if fallback else []
     directory = find_checkpoint(args.model)
     config, pp = load_config(directory), load_preprocessor_config(directory)
+    config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:
         preset, why = planning.choose_preset(machine, config, pp, task, width, height)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -25,8 +25,10 @@ from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_na
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
 from lite.model.architecture import OVIS_U1
-from lite.model.modeling_ovis_u1 import OvisU1
 from lite.progress import progress_bar
+
+if TYPE_CHECKING:  # the model code (transformers, diffusers) is imported when a model is built
+    from lite.model.modeling_ovis_u1 import OvisU1
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 MODEL_ENV = "OVIS_LITE_MODEL"
@@ -164,7 +166,7 @@ class ShardSource:
         return iter_checkpoint_tensors(self.entries)
 
 
-PlacerFactory = Callable[[OvisU1], Placer]
+PlacerFactory = Callable[["OvisU1"], Placer]
 
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
@@ -174,6 +176,8 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
 
     Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
     """
+    from lite.model.modeling_ovis_u1 import OvisU1
+
     config = load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()

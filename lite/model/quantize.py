@@ -4,6 +4,7 @@ the checkpoint streams in (`StreamingQuantizer`, the loader's placer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,8 +17,10 @@ from lite.errors import CheckpointError
 from lite.memory import trim_host_heap
 from lite.model.architecture import OVIS_U1
 from lite.model.checkpoint import set_tensor, tie_weights
-from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import COMPONENT_ROOTS, Precision, QuantPolicy, as_policy
+
+if TYPE_CHECKING:
+    from lite.model.modeling_ovis_u1 import OvisU1
 
 EMBED_NAME = OVIS_U1.embed_module
 HEAD_NAME = OVIS_U1.head_module

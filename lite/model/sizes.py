@@ -1,10 +1,11 @@
 """Sizes of every component, and the exact bytes of a precision policy, computed on the `meta` device:
-no weight is ever read (`ovis-lite inspect`, the planner's unit sizes)."""
+no weight is ever read (`ovis-lite inspect`, the planner's unit sizes). Sizing builds the config-arithmetic
+skeleton (`lite/model/skeleton.py`), so it imports no transformers/diffusers modeling code."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,12 +16,18 @@ from quant.backends.base import element_size
 
 from lite.model.architecture import COMPONENTS, OVIS_U1
 from lite.model.config import OvisU1Config
-from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import Precision, QuantPolicy, as_policy
 from lite.model.quantize import plan_model
+from lite.model.skeleton import skeleton_model
+
+if TYPE_CHECKING:
+    from lite.model.modeling_ovis_u1 import OvisU1
 
 
 def meta_model(config: OvisU1Config) -> OvisU1:
+    """The real model on `meta` (for tools that go on to materialise parts of it); sizing uses the skeleton."""
+    from lite.model.modeling_ovis_u1 import OvisU1
+
     with torch.device("meta"):
         return OvisU1(config)
 
@@ -30,7 +37,7 @@ def inspect_config(config: OvisU1Config, tensors: bool = False, bytes_per_param:
 
     Parameters are counted once, so the tied LM head is not counted twice.
     """
-    model = meta_model(config)
+    model = skeleton_model(config)
     comps: dict[str, dict[str, int]] = {c: {"params": 0, "bytes": 0} for c in COMPONENTS}
     for name, p in model.named_parameters():  # named_parameters() yields a tied tensor once
         comp = comps[OVIS_U1.component_of(name)]
@@ -115,7 +122,7 @@ def quantized_bytes(config: OvisU1Config, policy: QuantPolicy | Precision, devic
     `device_type` resolves a Precision (default cpu); a QuantPolicy keeps its own.
     """
     policy = as_policy(policy, device_type or "cpu")
-    model = meta_model(config)
+    model = skeleton_model(config)
     comps = {c: dict.fromkeys(_BYTES_KEYS, 0) for c in COMPONENTS}
     for name, entry in _leaf_bytes(model, policy).items():
         comp = comps[OVIS_U1.component_of(name)]

@@ -52,12 +52,12 @@ def plan_workload(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig
 
 
 def _meta_model(config: OvisU1Config) -> Any:
-    """One meta model per config object (building it is the slow part of planning)."""
-    from lite.model.sizes import meta_model
+    """One meta skeleton per config object (building it is the slow part of planning)."""
+    from lite.model.skeleton import skeleton_model
 
     hit = _META_MODELS.get(id(config))
     if hit is None or hit[0] is not config:
-        hit = _META_MODELS[id(config)] = (config, meta_model(config))
+        hit = _META_MODELS[id(config)] = (config, skeleton_model(config))
     return hit[1]
 
 

@@ -9,6 +9,7 @@ format -> (format it provides, priority); lower priority is tried first.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -33,6 +34,24 @@ def layout(packed: int, scales: int = 0, zeros: int = 0, bias: int = 0, other: i
     """The byte breakdown every `layout_nbytes` returns."""
     return {"packed": packed, "scales": scales, "zeros": zeros, "bias": bias, "other": other,
             "total": packed + scales + zeros + bias + other}
+
+
+def library_missing(module: str, loaded: Any, import_error: str | None) -> str | None:
+    """Why an optional library cannot be used, answered without importing it.
+
+    Planning (`presets`, `plan`, layout sizes) resolves backends but must not pay seconds for importing
+    bitsandbytes or quanto (both pull in torch._dynamo); the import happens when a layer is built, and a
+    library that is installed but fails to import says so there.
+    """
+    if loaded is not None:
+        return None
+    if import_error is not None:
+        return f"{module.replace('optimum.', 'optimum-')} is not importable ({import_error})"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{module.replace('optimum.', 'optimum-')} is not installed"
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -17,9 +17,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import QuantFormatError
+from ..errors import QuantBackendError, QuantFormatError
 from ..spec import BNB_BLOCKSIZE, QuantSpec, dtype_from_name, dtype_name
-from .base import LayerKind, Shape, element_size, layout
+from .base import LayerKind, Shape, element_size, layout, library_missing
 
 name = "bnb"
 formats: tuple[str, ...] = ("nf4", "fp4")
@@ -36,7 +36,7 @@ def quiet_import_logs() -> None:
 
 
 def _load() -> Any:
-    """Import bitsandbytes once, swallowing its harmless 'kernels-community' import chatter."""
+    """Import bitsandbytes once (when a layer is built), swallowing its harmless 'kernels-community' chatter."""
     global _bnb, _import_error
     if _bnb is None and _import_error is None:
         quiet_import_logs()
@@ -45,6 +45,8 @@ def _load() -> Any:
                 _bnb = importlib.import_module("bitsandbytes")
         except Exception as exc:  # ImportError, or a broken native library
             _import_error = f"{type(exc).__name__}: {exc}"
+    if _bnb is None:
+        raise QuantBackendError(f"bitsandbytes is installed but does not import ({_import_error})")
     return _bnb
 
 
@@ -52,9 +54,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     """None when bnb 4-bit can run on `device`, else a short reason."""
     if device.type not in SUPPORTED_DEVICE_TYPES:
         return f"bitsandbytes 4-bit does not run on {device.type}"
-    if _load() is None:
-        return f"bitsandbytes is not importable ({_import_error})"
-    return None
+    return library_missing("bitsandbytes", _bnb, _import_error)
 
 
 def owns(module: nn.Module) -> bool:

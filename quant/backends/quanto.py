@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..int8 import SCALE_DTYPE, Int8Linear
-from ..errors import QuantFormatError
+from ..errors import QuantBackendError, QuantFormatError
 from ..spec import QuantSpec, dtype_from_name, dtype_name, effective_group_size
-from .base import LayerKind, Shape, element_size, layout
+from .base import LayerKind, Shape, element_size, layout, library_missing
 
 name = "quanto"
 formats: tuple[str, ...] = ("int4", "int8", "fp8")
@@ -30,19 +30,23 @@ _import_error: str | None = None
 
 
 def _load() -> Any:
+    """Import optimum.quanto once, when a layer is built or restored."""
     global _quanto, _import_error
     if _quanto is None and _import_error is None:
         try:
             _quanto = importlib.import_module("optimum.quanto")
         except Exception as exc:
             _import_error = f"{type(exc).__name__}: {exc}"
+    if _quanto is None:
+        raise QuantBackendError(f"optimum-quanto is installed but does not import ({_import_error})")
     return _quanto
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None when quanto can run on `device` (it has generic torch fallbacks for any device)."""
-    if _load() is None:
-        return f"optimum-quanto is not importable ({_import_error})"
+    missing = library_missing("optimum.quanto", _quanto, _import_error)
+    if missing is not None:
+        return missing
     if device.type == "meta":
         return "cannot quantize on the meta device"
     return None
