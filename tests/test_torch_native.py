@@ -200,3 +200,47 @@ def test_int4_kernel_takes_its_packed_weight_at_any_8_byte_alignment() -> None:
         assert moved.data_ptr() % 64 == offset
         layer.packed = nn.Parameter(moved, requires_grad=False)
         assert torch.equal(layer(x), ref)
+
+
+@pytest.mark.parametrize("layout", list(tn.CPU_LAYOUTS))
+def test_dense_prefill_weight_is_the_formula_for_every_layout(layout: str) -> None:
+    # Every CPU layout is exercised here, not just this CPU's kernel layout: nibbles packed by our own
+    # `pack_int4`, dequantized by `int4_prefill`, compared with (q - 8) * scale + zero computed in fp64.
+    from quant.backends import int4_prefill
+
+    n, k, gs = 192, 256, 64
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    sz = (torch.rand(k // gs, n, 2, generator=gen) * torch.tensor([0.02, 0.1]) - torch.tensor([0.0, 0.05]))
+    sz = sz.to(torch.bfloat16)
+    packed = tn.pack_int4(q, layout)
+    s = sz[..., 0].double().t().repeat_interleave(gs, dim=1)
+    z = sz[..., 1].double().t().repeat_interleave(gs, dim=1)
+    ref = ((q.double() - 8.0) * s + z).t()  # [K, N]
+    offset = (z - 8.0 * s).t()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = int4_prefill.dense_weight(packed, sz, gs, tn.CPU_LAYOUTS[layout], dtype).double()
+        eps = torch.finfo(dtype).eps
+        # roundings: the offset stored in `dtype`, q * scale, and the sum (|q * scale| <= |w| + |offset|)
+        bound = eps * (2 * ref.abs() + 2 * offset.abs()) + 1e-12
+        assert ((got - ref).abs() <= bound).all(), dtype
+
+
+@pytest.mark.parametrize("cd", [torch.bfloat16, torch.float32])
+def test_prefill_sized_int4_calls_take_the_dense_path_and_agree_with_the_kernel(cd: torch.dtype) -> None:
+    from quant.backends import int4_prefill
+
+    n, k = 128, 256
+    layer = tn.build(_weight(n, k), None, "int4", CPU, QuantSpec("int4", group_size=64), cd)
+    rows = int4_prefill.DENSE_ABOVE_ROWS + 1
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(2)).to(cd)
+    dense = layer(x)
+    kernel = torch.cat([layer(x[i:i + 1]) for i in range(rows)])  # one row at a time: the kernel
+    assert torch.equal(layer(x), dense)  # the reused buffers give the same result call after call
+    q = tn.unpack_int4(layer.packed.data, layer.layout).double()
+    sz = layer.scales_and_zeros.double()
+    w_dq = (q - 8.0) * sz[..., 0].t().repeat_interleave(64, 1) + sz[..., 1].t().repeat_interleave(64, 1)
+    ref = x.double() @ w_dq.t()
+    mag = x.double().abs() @ w_dq.abs().t()
+    for y in (dense, kernel):  # both within bf16 rounding of the weight, the activations and the output
+        assert ((y.double() - ref).abs() <= 4 * BF16_EPS * mag + 1e-6).all()

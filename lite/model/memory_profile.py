@@ -103,7 +103,15 @@ def conditions_activation(cfg: OvisU1Config, pp: PreprocessorConfig, wl: Workloa
     kv = 2 * layers * (seq + new) * kv_heads * head_dim * b
     attn = _attention_scores(int(llm["num_attention_heads"]), seq, seq, b, wl.device_type)
     logits = int(llm["vocab_size"]) * 4 * 2
-    return vit + head + states + mlp + kv + attn + logits
+    return vit + head + states + mlp + kv + attn + logits + _int4_prefill_workspace(cfg, wl)
+
+
+def _int4_prefill_workspace(cfg: OvisU1Config, wl: Workload) -> int:
+    """On CPU, prefill-sized int4 calls dequantize into a kept buffer (quant/backends/int4_prefill.py):
+    nibbles plus levels in the compute dtype, for the largest LLM layer (the MLP's [intermediate, hidden])."""
+    if wl.device_type != "cpu":
+        return 0
+    return int(cfg.llm["intermediate_size"]) * int(cfg.llm["hidden_size"]) * (1 + wl.dtype_bytes)
 
 
 def denoise_activation(cfg: OvisU1Config, wl: Workload) -> int:

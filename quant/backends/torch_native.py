@@ -16,8 +16,8 @@ layers rely on (torch 2.13, measured on an AMD EPYC Zen 4 and, capped, on its AV
   layouts are nibble permutations, written out in `pack_int4`/`unpack_int4`, so a payload stores the
   layout it was made in and a CPU with another layout converts it in pure torch; a CPU with the same
   layout takes the stored bytes as they are (no repacking at load).
-- "portable" is the [N, K / 2] uint8 layout (even k in the high nibble) that the MPS/CUDA converter
-  `_convert_weight_to_int4pack` consumes.
+- "portable" is the [N, K / 2] uint8 layout (even k in the high nibble) that MPS/CUDA's converter takes.
+- Prefill-sized int4 calls on CPU run a dense GEMM over the dequantized weight (`int4_prefill`).
 
 `auto` ranks this backend after quanto (int4/int8), so existing auto chains are unchanged; presets
 name it explicitly.
@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from ..errors import QuantFormatError
 from ..spec import QuantSpec, dtype_from_name, dtype_name, effective_group_size
+from . import int4_prefill
 from .base import LayerKind, Shape, element_size, layout
 
 name = "native"
@@ -72,7 +73,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # int4 layouts (pure torch; each a permutation of nibbles, see the module docstring)
-# ---------------------------------------------------------------------------------------------
 
 #: name -> (rows per block, "lanes" = low nibble row j / high row j + block/2, "pairs" = rows n, n+1)
 CPU_LAYOUTS: dict[str, tuple[int, str]] = {
@@ -153,9 +153,7 @@ def device_layout(device_type: str) -> str:
     return cpu_int4_layout() if device_type == "cpu" else f"{device_type}-packed"
 
 
-# ---------------------------------------------------------------------------------------------
-# quantizers (pure torch, fp32 math on the way, one weight at a time)
-# ---------------------------------------------------------------------------------------------
+# -- quantizers (pure torch, fp32 math on the way, one weight at a time) --
 
 #: Rows quantized at a time: keeps the fp32 scratch in cache and avoids allocating a full fp32 copy.
 CHUNK_ROWS = 256
@@ -217,9 +215,7 @@ def int4_group_size(n: int, k: int, requested: int) -> int | None:
     return g
 
 
-# ---------------------------------------------------------------------------------------------
-# layers
-# ---------------------------------------------------------------------------------------------
+# -- layers --
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
@@ -303,6 +299,20 @@ class PackedInt4Linear(_PackedLinear):
             return torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         return torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, self.in_features)
+        layout = CPU_LAYOUTS.get(self.layout)
+        if rows <= int4_prefill.DENSE_ABOVE_ROWS or not int4_prefill.supports(self.packed, layout, self.out_features):
+            return super().forward(x)
+        assert layout is not None  # prefill-sized: the kernel's cost grows with the rows (int4_prefill)
+        cd = self.compute_dtype
+        w = int4_prefill.dense_weight(self.packed, self.scales_and_zeros, self.group_size, layout, cd)
+        y = x.reshape(-1, self.in_features).to(cd) @ w
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype) if x.dtype.is_floating_point and x.dtype != y.dtype else y
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
 
@@ -320,9 +330,7 @@ def _int4_layer(q: torch.Tensor, sz: torch.Tensor, gs: int, bias: torch.Tensor |
     return PackedInt4Linear(packed, sz.to(device), gs, lay, None if bias is None else bias.to(device), compute_dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# the backend protocol
-# ---------------------------------------------------------------------------------------------
+# -- the backend protocol --
 
 def owns(module: nn.Module) -> bool:
     return isinstance(module, (PackedInt8Linear, PackedInt4Linear))
