@@ -21,6 +21,7 @@ MKL_ENABLE_INSTRUCTIONS=AVX2: the AVX2-only code path (no AVX-512, no native bf1
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -49,6 +50,7 @@ from lite.runtime import hardware as hw  # noqa: E402
 from offload.accounting import module_nbytes  # noqa: E402
 from quant import QuantSpec, quantize  # noqa: E402
 from quant.compute import use_fp32_compute  # noqa: E402
+from quant.row_gemv import use_row_gemv  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "lite" / "data" / "config.json"
 
@@ -239,6 +241,8 @@ def llm_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, bandwi
         t0 = time.perf_counter()
         quantize(model.model.layers, spec)
         quant_s_per_gb[label] = (time.perf_counter() - t0) / (bf16_bytes / 1e9)
+        if backend == "native":
+            use_row_gemv(model)  # as the runtime does on CPU (the head's decode GEMV)
         models[label] = model
     fp32_handle = use_fp32_compute(models["after"]) if compute == torch.float32 else None
     prompt = torch.randint(0, 1000, (1, 256))
@@ -397,6 +401,8 @@ def kernels_section(rounds: int, compute: torch.dtype) -> dict[str, Any]:
         dense["fp32 GEMM"].weight.copy_(w.float())
         dense["bf16 GEMM"] = dense["bf16 GEMM"].to(torch.bfloat16)
         dense["bf16 GEMM"].weight.copy_(w)
+    dense["bf16, one row as torch.mv"] = copy.deepcopy(dense["bf16 GEMM"])
+    use_row_gemv(dense["bf16, one row as torch.mv"])
     layers.update(dense)
     for label, spec in (("quanto int4 g128", QuantSpec("int4", backend="quanto")),
                         ("quanto int8", QuantSpec("int8", backend="quanto")),

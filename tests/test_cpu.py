@@ -222,3 +222,57 @@ def test_hardware_module_imports_without_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- one-row dense layers as torch.mv (quant/row_gemv.py) -----------------------------------------
+
+def _kernels(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_row_gemv_is_the_same_linear_as_a_matrix_vector_product() -> None:
+    from quant.row_gemv import use_row_gemv
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64).bfloat16()
+    before = F.linear(x, lin.weight, lin.bias)
+    state = use_row_gemv(nn.Sequential(lin, nn.Linear(40, 8)))  # the fp32 layer is left alone
+    assert state.layers == [lin]
+    assert "aten::addmv" in _kernels(lambda: lin(x))
+    y = lin(x)
+    assert y.shape == (1, 1, 40) and y.dtype == torch.bfloat16
+    assert torch.equal(y, before)  # on the same machine the same accumulation: bitwise
+    # and it is W x + b (fp32-accumulated, one bf16 rounding), computed independently in float64
+    want = x[0, 0].double() @ lin.weight.double().t()
+    assert torch.allclose(y[0, 0].double(), (want.bfloat16().double() + lin.bias.double()), atol=0.02, rtol=0.01)
+    rows = torch.randn(3, 64).bfloat16()
+    assert "aten::addmv" not in _kernels(lambda: lin(rows))  # more rows: the GEMM
+    assert torch.equal(lin(rows), F.linear(rows, lin.weight, lin.bias))
+    state.remove()
+    assert "forward" not in lin.__dict__ and "aten::addmv" not in _kernels(lambda: lin(x))
+
+
+def test_row_gemv_under_fp32_compute_returns_fp32_from_the_stored_weight() -> None:
+    from quant.row_gemv import use_row_gemv
+
+    lin = nn.Linear(32, 48, bias=False).to(torch.bfloat16)
+    use_row_gemv(lin)
+    x = torch.randn(1, 32)
+    with use_fp32_compute(lin):
+        assert "aten::mv" in _kernels(lambda: lin(x))
+        y = lin(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, F.linear(x.bfloat16(), lin.weight).float())
+
+
+def test_cpu_pipeline_runs_the_head_as_a_matrix_vector_product(tiny_dir) -> None:
+    from lite import OvisPipeline
+
+    pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", progress=False)
+    head = pipe.model.llm.lm_head
+    assert "forward" in head.__dict__ and head.weight is pipe.model.llm.model.embed_tokens.weight

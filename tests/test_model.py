@@ -93,6 +93,37 @@ def test_vision_rope_matches_direct_formula():
             assert out[n, 0, i + 8].item() == pytest.approx(v[i + 8] * c + v[i] * s, abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_attention_is_per_image_softmax_on_the_fused_kernel(dtype):
+    """Per image softmax(q k^T / sqrt(d)) v (spec §3.2), computed by PyTorch's fused CPU kernel:
+    3-D inputs silently fall back to the math path, which was half the ViT's time."""
+    from torch.profiler import profile
+
+    from lite.model.config import VisionConfig
+    from lite.model.modeling_aimv2 import Attention
+
+    torch.manual_seed(0)
+    cfg = VisionConfig(hidden_size=32, num_attention_heads=2)
+    attn = Attention(cfg).to(dtype)
+    seqlens = [8, 4]
+    x = torch.randn(sum(seqlens), 32).to(dtype)
+    angles = torch.randn(sum(seqlens), 8)
+    with profile() as prof:
+        out = attn(x, angles, seqlens)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
+    q, k, v = attn.qkv(x).double().view(-1, 3, 2, 16).unbind(1)
+    q = apply_rotary_rotate_half(q.to(dtype), angles).double()
+    k = apply_rotary_rotate_half(k.to(dtype), angles).double()
+    heads = []
+    for rows in (slice(0, 8), slice(8, 12)):
+        w = torch.einsum("nhd,mhd->hnm", q[rows], k[rows]) / 4.0
+        heads.append(torch.einsum("hnm,mhd->nhd", w.softmax(-1), v[rows]).reshape(-1, 32))
+    want = attn.proj.double()(torch.cat(heads))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(out.double(), want, atol=tol, rtol=tol)
+
+
 def test_yak_rope_matches_direct_formula():
     axes = (4, 10, 10)
     ids = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 5.0, 1.0]]])

@@ -125,9 +125,11 @@ class Attention(nn.Module):
         k = apply_rotary_rotate_half(k, angles)
         outs = []
         for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-            # One image at a time: images in a prompt never attend to each other.
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
-            outs.append(o.transpose(0, 1).reshape(-1, c))
+            # One image at a time: images in a prompt never attend to each other. 4-D [1, H, N, D],
+            # because PyTorch's CPU flash kernel refuses 3-D inputs and falls back to the math path.
+            qi, ki, vi = (t.transpose(0, 1).unsqueeze(0) for t in (qi, ki, vi))
+            o = F.scaled_dot_product_attention(qi, ki, vi)
+            outs.append(o[0].transpose(0, 1).reshape(-1, c))
         return self.proj(torch.cat(outs, 0))
 
 

@@ -116,8 +116,12 @@ class OvisPipeline:
             pipe.set_vae_tiling(preset.vae_tile)
         if budget is not None:
             pipe.enable_offload(budget)
-        if dtype in (None, "auto") and dev.type == "cpu":
-            pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
+        if dev.type == "cpu":
+            from quant.row_gemv import use_row_gemv
+
+            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
+            if dtype in (None, "auto"):
+                pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
