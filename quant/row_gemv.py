@@ -2,12 +2,12 @@
 
 Why: `F.linear` sends a [1, K] x [N, K]^T call down the general GEMM route, which on CPU is 1.2-1.7x
 slower for the same result (bitwise: the same kernel accumulates it). Intel Xeon with AMX, bf16: the
-tied LLM head 151936x2048 52 -> 35 ms, 6144x2048 4.5 -> 3.0 ms, 1024x2048 1.1 -> 0.5 ms; ATen's AVX2
+tied LLM head 151936x2048 52 -> 35 ms, 6144x2048 1.2-1.5x, 1024x2048 1.1 -> 0.5 ms; ATen's AVX2
 code path 1.0-1.6x. A decode step is such a call for every dense layer, and the tied head is half of a
 `cpu`-preset token's bytes. fp32 weights gain nothing robust (0.9-1.2x), so they keep `F.linear`.
 
 Model-agnostic and removable: each layer gets an instance-level `forward` (its hooks still run).
-`scripts/bench_cpu.py --kernels` measures the two side by side.
+`scripts/bench_cpu.py --only kernels` measures the two side by side.
 """
 
 from __future__ import annotations
