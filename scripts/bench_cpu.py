@@ -38,14 +38,15 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_EN
 if "--emulate-avx2" in sys.argv and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
     argv = [a for a in sys.argv if a != "--emulate-avx2"]
     sys.exit(subprocess.run([sys.executable, *argv, "--emulated"], env={**os.environ, **AVX2_ENV}).returncode)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what lite.runtime.hardware.early_environment() sets
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lite.runtime.hardware import early_environment, wait_policy_note  # noqa: E402  (imports no torch)
+
+os.environ.update(early_environment())  # the OpenMP wait policy the CLI would choose here, before torch starts
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lite.runtime import hardware as hw  # noqa: E402
 from offload.accounting import module_nbytes  # noqa: E402
 from quant import QuantSpec, quantize  # noqa: E402
@@ -84,12 +85,19 @@ def randomize(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 def record_linear_shapes(module: nn.Module, run: Callable[[], object]) -> list[tuple[int, int, int]]:
     shapes: list[tuple[int, int, int]] = []
 
+    from lite.model.modeling_aimv2 import PatchProjection
+
     def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
+        if isinstance(mod, PatchProjection):  # the ViT's patch conv runs as a [N, C p p] @ [C p p, O] GEMM
+            k = mod.weight[0].numel()
+            shapes.append((x.numel() // k, k, mod.out_channels))
+            return
         shapes.append((x.numel() // mod.in_features, mod.in_features, mod.out_features))
 
     handles = [m.register_forward_pre_hook(hook) for m in module.modules()
-               if hasattr(m, "in_features") and hasattr(m, "out_features") and not list(m.children())]
+               if (isinstance(m, PatchProjection) or hasattr(m, "in_features") and hasattr(m, "out_features"))
+               and not list(m.children())]
     with torch.no_grad():
         run()
     for h in handles:
@@ -460,7 +468,7 @@ def main() -> None:
     only = set(args.only.split(","))
     result: dict[str, Any] = {
         "machine": feats.to_dict(), "describe": feats.describe(), "emulated_avx2": args.emulated,
-        "torch": torch.__version__, "threads": hw.intra_threads(), "quick": args.quick,
+        "torch": torch.__version__, "threads": hw.intra_threads(), "openmp_wait": wait_policy_note(), "quick": args.quick,
         "compute_dtype": str(compute).removeprefix("torch."), "why": why,
         "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations)",
                     "yak": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute",

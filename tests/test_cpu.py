@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,9 +106,30 @@ def test_this_machine_is_consistent() -> None:
     assert d["native_bf16"] == hw.native_bf16(f) and isinstance(d["features"], list)
 
 
-def test_early_environment_respects_the_user() -> None:
-    assert hw.early_environment({}) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-    assert hw.early_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {"TOKENIZERS_PARALLELISM": "false"}
+def test_early_environment_sleeps_idle_threads_only_on_shared_cpus_and_respects_the_user() -> None:
+    shared, idle = (True, "CPU pressure 34.7% over 10 s"), (False, "CPU pressure 0.0% over 10 s")
+    assert hw.early_environment({}, shared) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    assert "sleep" in (hw.wait_policy_note() or "") and "34.7%" in (hw.wait_policy_note() or "")
+    assert hw.early_environment({}, idle) == {"TOKENIZERS_PARALLELISM": "false"}  # OpenMP's own default
+    assert "spin" in (hw.wait_policy_note() or "")
+    user = {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "true"}
+    assert hw.early_environment(user, shared) == {}
+    assert hw.wait_policy_note() == "OpenMP wait policy ACTIVE (set by the environment)"
+
+
+def test_cpu_contention_reads_pressure_stall_information(tmp_path: Path) -> None:
+    psi = tmp_path / "cpu"
+    psi.write_text("some avg10=34.70 avg60=15.69 avg300=4.53 total=279804717\n"
+                   "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert hw.cpu_contention(str(psi)) == (True, "CPU pressure 34.7% over 10 s")
+    psi.write_text("some avg10=0.41 avg60=0.02 avg300=1.35 total=264958680\n")
+    assert hw.cpu_contention(str(psi)) == (False, "CPU pressure 0.4% over 10 s")
+    # no PSI (older kernels, macOS): the load average, shared from half a load per CPU
+    shared, reading = hw.cpu_contention(str(tmp_path / "missing"))
+    load = os.getloadavg()[0]
+    assert shared == (load >= 0.5 * (os.cpu_count() or 1)) and reading.startswith("load average")
+    psi.write_text("garbage\n")
+    assert hw.cpu_contention(str(psi))[1].startswith("load average")
 
 
 def test_configure_threads_in_a_fresh_process() -> None:

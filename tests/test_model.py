@@ -94,13 +94,58 @@ def test_vision_rope_matches_direct_formula():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rope_half_by_half_is_bitwise_the_reference_op_order(dtype):
+    # Same machine, same elementwise kernels: (xf * cos + rotate_half(xf) * sin).to(dtype), the reference's
+    # expression, must come out bit for bit; q and k stacked ([N, 2, H, D]) rotate with the same tables.
+    from lite.model.modeling_aimv2 import apply_rotary, rotary_tables, rotate_half
+
+    angles = vision_rope_angles(torch.tensor([[1, 8, 12]]), 32)
+    x = (torch.randn(96, 3, 4, 32, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)[:, :2]
+    cos, sin = (t.view(96, 1, 1, 32) for t in rotary_tables(angles))
+    xf = x.float()
+    ref = (xf * cos + rotate_half(xf) * sin).to(dtype)
+    assert torch.equal(apply_rotary(x, cos, sin), ref)
+    heads = apply_rotary(x.permute(1, 2, 0, 3), *rotary_tables(angles))  # head-major, as the attention runs it
+    assert heads.is_contiguous() and torch.equal(heads, ref.permute(1, 2, 0, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_rmsnorm_is_bitwise_the_reference_op_order(dtype):
+    # Same machine, same reductions: fp32 normalisation, cast back, then the weight (AIMv2's order)
+    from lite.model.modeling_aimv2 import RMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(64, generator=gen).to(dtype)
+    x = (torch.randn(33, 64, generator=gen) * 3).to(dtype)
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
+    assert torch.equal(norm(x), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_projection_is_the_checkpoint_conv(dtype):
+    # kernel = stride = patch: the conv is one dot product per (patch, output channel), checked in fp64
+    from lite.model.modeling_aimv2 import PatchProjection
+
+    gen = torch.Generator().manual_seed(4)
+    proj = PatchProjection(3, 16, 14, 14, bias=True).to(dtype)
+    patches = torch.randn(10, 3 * 14 * 14, generator=gen).to(dtype)
+    conv = torch.nn.functional.conv2d(patches.double().view(10, 3, 14, 14), proj.weight.double(), proj.bias.double())
+    ref = conv.flatten(1)
+    mag = patches.double().abs() @ proj.weight.double().flatten(1).abs().t() + proj.bias.double().abs()
+    eps = torch.finfo(dtype).eps
+    assert ((proj(patches).double() - ref).abs() <= 2 * eps * mag).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_attention_is_per_image_softmax_on_the_fused_kernel(dtype):
     """Per image softmax(q k^T / sqrt(d)) v (spec §3.2), computed by PyTorch's fused CPU kernel:
     3-D inputs silently fall back to the math path, which was half the ViT's time."""
     from torch.profiler import profile
 
     from lite.model.config import VisionConfig
-    from lite.model.modeling_aimv2 import Attention
+    from lite.model.modeling_aimv2 import Attention, rotary_tables
 
     torch.manual_seed(0)
     cfg = VisionConfig(hidden_size=32, num_attention_heads=2)
@@ -109,7 +154,7 @@ def test_vision_attention_is_per_image_softmax_on_the_fused_kernel(dtype):
     x = torch.randn(sum(seqlens), 32).to(dtype)
     angles = torch.randn(sum(seqlens), 8)
     with profile() as prof:
-        out = attn(x, angles, seqlens)
+        out = attn(x, rotary_tables(angles), seqlens)
     kernels = {e.key for e in prof.key_averages()}
     assert "aten::_scaled_dot_product_attention_math" not in kernels, kernels
     q, k, v = attn.qkv(x).double().view(-1, 3, 2, 16).unbind(1)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     # Before torch initialises CUDA: paging units through the device fragments the default allocator.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # Before torch starts OpenMP: idle threads sleep instead of spinning (lite/runtime/hardware.py).
+    # Before torch starts OpenMP: its wait policy, from how busy the CPUs are (lite/runtime/hardware.py).
     from lite.runtime.hardware import early_environment
 
     os.environ.update(early_environment())

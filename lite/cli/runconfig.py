@@ -116,9 +116,10 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
     if pipe.compute_reason is not None:
-        from lite.runtime.hardware import detect
+        from lite.runtime.hardware import detect, wait_policy_note
 
-        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()})")
+        wait = wait_policy_note()
+        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()}{'; ' + wait if wait else ''})")
     return pipe
 
 

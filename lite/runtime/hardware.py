@@ -7,9 +7,10 @@ lower it below what /proc/cpuinfo lists, and are honoured here.
 
 Threads: intra-op threads default to physical cores and inter-op threads to 1. OpenMP's busy-wait
 makes a 2-thread decode GEMV 2-30x slower than 1 thread when another process holds a core (measured
-on a shared 2-core AMD EPYC), so `early_environment()` (applied before torch is imported) makes
-idle OpenMP threads sleep, and `decode_threads()` measures 1 thread against all of them on a decode-
-sized GEMV and runs token generation with the faster.
+on a shared 2-core AMD EPYC), but on idle cores it makes every short op faster; so `early_environment()`
+(applied before torch is imported) makes idle OpenMP threads sleep only when the CPUs are busy at
+start-up, and `decode_threads()` measures 1 thread against all of them on a decode-sized GEMV and runs
+token generation with the faster.
 """
 
 from __future__ import annotations
@@ -293,16 +294,59 @@ def cpu_compute_dtype(features: CpuFeatures | None = None) -> tuple[torch.dtype,
     return torch.float32, "fp32 compute: this CPU has no native bf16"
 
 
-def early_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+#: CPU pressure (Linux PSI "some avg10": percent of the last 10 s in which a runnable task waited for a
+#: CPU) from which the cores count as shared with other busy processes.
+SHARED_CPU_PRESSURE = 5.0
+
+
+def cpu_contention(pressure_path: str = "/proc/pressure/cpu") -> tuple[bool, str]:
+    """Whether other processes keep this machine's CPUs busy now, and the reading it was decided from.
+
+    Linux's pressure stall information when the kernel has it; otherwise the 1-minute load average
+    (our own process has not run yet), shared from half a load per CPU."""
+    try:
+        with open(pressure_path, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("some "):
+                    avg10 = float(dict(kv.split("=", 1) for kv in line.split()[1:])["avg10"])
+                    return avg10 >= SHARED_CPU_PRESSURE, f"CPU pressure {avg10:.1f}% over 10 s"
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return False, "no CPU load reading"
+    cpus = os.cpu_count() or 1
+    return load >= 0.5 * cpus, f"load average {load:.2f} on {cpus} CPUs"
+
+
+_WAIT: dict[str, str] = {}
+
+
+def early_environment(environ: Mapping[str, str] | None = None,
+                      contention: tuple[bool, str] | None = None) -> dict[str, str]:
     """Variables to set before torch is imported (OpenMP reads them once, at start-up).
 
-    Idle OpenMP threads sleep instead of spinning (a spinning thread steals the core a busy neighbour
-    or the tokenizer needs), and HF tokenizers do not start a second thread pool. A variable the user
-    has already set is left alone. Apply with `os.environ.update(early_environment())`.
-    """
+    OpenMP's wait policy follows how busy the CPUs are at start-up (2-core Xeon AMX, docs/BENCHMARKS.md):
+    on idle cores the default (spin briefly, then sleep) ran the ViT 1.6-1.9x faster than PASSIVE; with
+    another process on a core, PASSIVE ran it 1.3-1.5x faster. HF tokenizers start no second pool. What
+    the user has set is left alone. Apply with `os.environ.update(early_environment())`."""
     env = os.environ if environ is None else environ
-    wanted = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    wanted = {"TOKENIZERS_PARALLELISM": "false"}
+    if "OMP_WAIT_POLICY" in env:
+        _WAIT["note"] = f"OpenMP wait policy {env['OMP_WAIT_POLICY']} (set by the environment)"
+    else:
+        shared, reading = cpu_contention() if contention is None else contention
+        if shared:
+            wanted["OMP_WAIT_POLICY"] = "PASSIVE"
+        _WAIT["note"] = (f"OpenMP idle threads {'sleep: the CPUs are shared' if shared else 'spin briefly: the CPUs are idle'}"
+                         f" ({reading})")
     return {k: v for k, v in wanted.items() if k not in env}
+
+
+def wait_policy_note() -> str | None:
+    """How `early_environment` set OpenMP's wait policy in this process, for the load report (None: it did not run)."""
+    return _WAIT.get("note")
 
 
 _THREADS: dict[str, int] = {}
@@ -401,6 +445,6 @@ def decode_threads(recalibrate: bool = False) -> Iterator[int]:
 
 
 __all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "configure_threads", "cpu_compute_dtype",
-           "decode_thread_count", "decode_threads", "detect", "early_environment", "features_from",
+           "cpu_contention", "decode_thread_count", "decode_threads", "detect", "early_environment", "features_from",
            "measure_decode_threads", "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl",
-           "physical_cores", "with_bandwidth"]
+           "physical_cores", "wait_policy_note", "with_bandwidth"]

@@ -5,7 +5,7 @@ with the rows (6144x2048, Intel Xeon with AMX: 15 ms at 64 rows, 54-84 ms at 256
 a 4-18 ms bf16 GEMM; AMD EPYC Zen 5: 0.08 ms per row). Dequantizing the stored nibbles costs a fixed
 ~17-23 ms there whatever the rows, so above `DENSE_ABOVE_ROWS` rows the layer writes its weight straight
 into the dense GEMM's [K, N] operand (the kernel's blocks are k-major, so no transposition is needed): two
-nibble passes, one cast, a multiply and an add per group, in the compute dtype; then `x @ W`. Decode (1 row) keeps
+nibble passes, then one multiply-add per group from the nibbles into the compute dtype; then `x @ W`. Decode (1 row) keeps
 the kernel, which reads 4 bits per weight.
 
 Layouts (see `torch_native`): a block of R rows is stored [K, R/2] bytes; "lanes" keeps row j in the low
@@ -56,9 +56,9 @@ def dense_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_siz
     shape = (k, n // block, half, 2) if style == "pairs" else (k, n // block, 2, half)
     torch.stack([stored & 0x0F, stored >> 4], dim=3 if style == "pairs" else 2, out=nibbles.view(shape))
     levels = _buffer("levels", k * n, dtype).view(groups, group_size, n)
-    levels.copy_(nibbles.view(groups, group_size, n))
     sz = scales_and_zeros.to(torch.float32)
     scale = sz[..., 0].to(dtype).unsqueeze(1)
     offset = (sz[..., 1] - 8.0 * sz[..., 0]).to(dtype).unsqueeze(1)  # w = q * scale + (zero - 8 * scale)
-    levels.mul_(scale).add_(offset)  # two in-place passes: faster here than one broadcast addcmul
+    # One pass from the nibbles, rounded once: 1.3-1.4x faster than cast, multiply, add (Xeon AMX, interleaved)
+    torch.addcmul(offset, nibbles.view(groups, group_size, n), scale, out=levels)
     return levels.view(k, n)
