@@ -5,8 +5,9 @@ fractions of the limits, each for "before" (bf16 compute, quanto int4: the old `
 "after" (the dtype `lite.runtime.hardware` picks for this CPU, torch-native packed kernels):
 
 - yak_fraction_of_gemm: a full-width Yak pass (random full-size weights) against the time the GEMM
-  rate of its own dtype needs for the same Linear shapes (each shape timed alone, same dtype);
-- prefill_fraction_of_gemm: LLM (256 tokens) and ViT (1024 patches) prefill, the same way;
+  rate of its own dtype needs for the same GEMM shapes (each shape timed alone, same dtype): its
+  Linears and its attention's q k^T and p v per head (`fraction_of_linear_gemm`: the Linears alone);
+- prefill_fraction_of_gemm: LLM (256 tokens; Linears) and ViT (1024 patches) prefill, the same way;
 - decode_fraction_of_bandwidth: (weight bytes read per token / measured copy bandwidth) / token time;
 - vae_fraction_of_conv: a VAE decode against its convolutions timed alone.
 `--quick` cuts the depth (Yak 1+2 blocks, LLM 4 layers, ViT 2 layers); widths are always full.
@@ -105,6 +106,49 @@ def record_linear_shapes(module: nn.Module, run: Callable[[], object]) -> list[t
     return shapes
 
 
+def record_attention_shapes(run: Callable[[], object]) -> list[tuple[int, int, int]]:
+    """The two GEMMs (q k^T, then p v) of every unmasked, non-causal SDPA call, as (m, k, n) per head.
+
+    Attention is part of a block's own GEMM work: at 1024 ViT patches it is 14% of the FLOPs, so a limit
+    made of the Linears alone cannot be reached even by a perfect implementation. (Causal or masked calls,
+    the LLM's, are left out: their work is not a plain GEMM.)
+    """
+    shapes: list[tuple[int, int, int]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+            is_causal: bool = False, **kw: Any) -> torch.Tensor:
+        if attn_mask is None and not is_causal:
+            heads = q.numel() // (q.shape[-2] * q.shape[-1])
+            shapes.extend([(q.shape[-2], q.shape[-1], k.shape[-2]), (q.shape[-2], k.shape[-2], v.shape[-1])] * heads)
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    F.scaled_dot_product_attention = spy  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        F.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
+    return shapes
+
+
+def limit_cases(shapes: list[tuple[int, int, int]], attention: list[tuple[int, int, int]]) -> dict[str, Callable[[], float]]:
+    """Interleavable GEMM-limit cases: Linears and attention GEMMs, each in bf16 and fp32."""
+    cases: dict[str, Callable[[], float]] = {}
+    for d, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cases[f"gemm_{tag}"] = GemmLimit(shapes, d).seconds
+        if attention:
+            cases[f"attn_{tag}"] = GemmLimit(attention, d).seconds
+    return cases
+
+
+def fractions(m: dict[str, float], compute: torch.dtype) -> dict[str, dict[str, float]]:
+    """Before (bf16) and after (`compute`): against all own GEMMs (Linears + attention) and the Linears alone."""
+    own = {"before": "bf16", "after": "bf16" if compute == torch.bfloat16 else "fp32"}
+    return {"fraction_of_gemm": {k: (m[f"gemm_{d}"] + m.get(f"attn_{d}", 0.0)) / m[k] for k, d in own.items()},
+            "fraction_of_linear_gemm": {k: m[f"gemm_{d}"] / m[k] for k, d in own.items()}}
+
+
 class GemmLimit:
     """Seconds a plain F.linear in `dtype` needs for a list of shapes (each shape's operands made once)."""
 
@@ -159,7 +203,7 @@ def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: i
         return go
 
     shapes = record_linear_shapes(yak, run(torch.bfloat16))
-    limits = {torch.bfloat16: GemmLimit(shapes, torch.bfloat16), torch.float32: GemmLimit(shapes, torch.float32)}
+    attention = record_attention_shapes(run(torch.bfloat16))
 
     def before() -> float:
         return timed(run(torch.bfloat16))
@@ -170,13 +214,11 @@ def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: i
         with use_fp32_compute(yak):
             return timed(run(torch.float32))
 
-    m = interleave({"before": before, "after": after, "gemm_bf16": limits[torch.bfloat16].seconds,
-                    "gemm_fp32": limits[torch.float32].seconds}, rounds)
-    own = {"before": m["gemm_bf16"], "after": m["gemm_bf16"] if compute == torch.bfloat16 else m["gemm_fp32"]}
+    m = interleave({"before": before, "after": after, **limit_cases(shapes, attention)}, rounds)
     return {"resolution": res, "tokens": n + 64, "blocks": [ycfg.depth, ycfg.depth_single_blocks],
             "seconds": {"before": m["before"], "after": m["after"]},
             "gemm_seconds": {"bf16": m["gemm_bf16"], "fp32": m["gemm_fp32"]},
-            "fraction_of_gemm": {k: own[k] / m[k] for k in ("before", "after")},
+            "attention_gemm_seconds": {"bf16": m["attn_bf16"], "fp32": m["attn_fp32"]}, **fractions(m, compute),
             "after_vs_fp32_gemm": m["gemm_fp32"] / m["after"], "speedup": m["before"] / m["after"]}
 
 
@@ -194,7 +236,7 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
         return lambda: vit(px.to(dtype), grid)
 
     shapes = record_linear_shapes(vit, run(torch.bfloat16))
-    lim = {d: GemmLimit(shapes, d) for d in (torch.bfloat16, torch.float32)}
+    attention = record_attention_shapes(run(torch.bfloat16))
 
     def after() -> float:
         if compute == torch.bfloat16:
@@ -203,10 +245,10 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
             return timed(run(torch.float32))
 
     m = interleave({"before": lambda: timed(run(torch.bfloat16)), "after": after,
-                    "gemm_bf16": lim[torch.bfloat16].seconds, "gemm_fp32": lim[torch.float32].seconds}, rounds)
-    own_after = m["gemm_bf16"] if compute == torch.bfloat16 else m["gemm_fp32"]
+                    **limit_cases(shapes, attention)}, rounds)
     return {"patches": 1024, "layers": vcfg.num_hidden_layers, "seconds": {"before": m["before"], "after": m["after"]},
-            "fraction_of_gemm": {"before": m["gemm_bf16"] / m["before"], "after": own_after / m["after"]},
+            "gemm_seconds": {"bf16": m["gemm_bf16"], "fp32": m["gemm_fp32"]},
+            "attention_gemm_seconds": {"bf16": m["attn_bf16"], "fp32": m["attn_fp32"]}, **fractions(m, compute),
             "speedup": m["before"] / m["after"]}
 
 
