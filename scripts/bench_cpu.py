@@ -52,7 +52,7 @@ from lite.runtime import hardware as hw  # noqa: E402
 from offload.accounting import module_nbytes  # noqa: E402
 from quant import QuantSpec, quantize  # noqa: E402
 from quant.compute import use_fp32_compute  # noqa: E402
-from quant.row_gemv import row_gemv_is_faster, use_row_gemv  # noqa: E402
+from quant.row_gemv import one_row_kernel, use_row_gemv  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "lite" / "data" / "config.json"
 
@@ -452,7 +452,9 @@ def kernels_section(rounds: int, compute: torch.dtype) -> dict[str, Any]:
         dense["bf16 GEMM"] = dense["bf16 GEMM"].to(torch.bfloat16)
         dense["bf16 GEMM"].weight.copy_(w)
     dense["bf16, one row as torch.mv"] = copy.deepcopy(dense["bf16 GEMM"])
-    use_row_gemv(dense["bf16, one row as torch.mv"], measured=False)
+    use_row_gemv(dense["bf16, one row as torch.mv"], kernel="mv")
+    dense["bf16, one row, ATen mv"] = copy.deepcopy(dense["bf16 GEMM"])
+    use_row_gemv(dense["bf16, one row, ATen mv"], kernel="mv-aten")
     layers.update(dense)
     for label, spec in (("quanto int4 g128", QuantSpec("int4", backend="quanto")),
                         ("quanto int8", QuantSpec("int8", backend="quanto")),
@@ -511,7 +513,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "machine": feats.to_dict(), "describe": feats.describe(), "emulated_avx2": args.emulated,
         "torch": torch.__version__, "threads": hw.intra_threads(), "openmp_wait": wait_policy_note(),
-        "one_row_bf16_as_torch_mv": row_gemv_is_faster(torch.bfloat16), "quick": args.quick,
+        "one_row_bf16_kernel": one_row_kernel(torch.bfloat16), "quick": args.quick,
         "compute_dtype": str(compute).removeprefix("torch."), "why": why,
         "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations)",
                     "yak": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute",

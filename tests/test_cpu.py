@@ -263,7 +263,7 @@ def test_row_gemv_is_the_same_linear_as_a_matrix_vector_product() -> None:
     lin = nn.Linear(64, 40).to(torch.bfloat16)
     x = torch.randn(1, 1, 64).bfloat16()
     before = F.linear(x, lin.weight, lin.bias)
-    state = use_row_gemv(nn.Sequential(lin, nn.Linear(40, 8)), measured=False)  # the fp32 layer is left alone
+    state = use_row_gemv(nn.Sequential(lin, nn.Linear(40, 8)), kernel="mv")  # the fp32 layer is left alone
     assert state.layers == [lin]
     assert "aten::addmv" in _kernels(lambda: lin(x))
     y = lin(x)
@@ -282,20 +282,27 @@ def test_row_gemv_is_the_same_linear_as_a_matrix_vector_product() -> None:
 def test_use_row_gemv_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
     from quant import row_gemv
 
-    assert isinstance(row_gemv.row_gemv_is_faster(torch.bfloat16), bool)
-    assert row_gemv.row_gemv_is_faster.cache_info().currsize >= 1  # measured once per process and dtype
-    for faster in (True, False):
-        monkeypatch.setattr(row_gemv, "row_gemv_is_faster", lambda dtype, faster=faster: faster)
+    assert row_gemv.one_row_kernel(torch.bfloat16) in row_gemv.ONE_ROW_KERNELS
+    assert row_gemv.one_row_kernel.cache_info().currsize >= 1  # measured once per process and dtype
+    x = torch.randn(1, 16).bfloat16()
+    for kernel in row_gemv.ONE_ROW_KERNELS:
+        monkeypatch.setattr(row_gemv, "one_row_kernel", lambda dtype, kernel=kernel: kernel)
         lin = nn.Linear(16, 8).to(torch.bfloat16)
-        assert row_gemv.use_row_gemv(lin).layers == ([lin] if faster else [])
-        assert ("forward" in lin.__dict__) == faster
+        want = F.linear(x, lin.weight, lin.bias)
+        assert row_gemv.use_row_gemv(lin).layers == ([] if kernel == "linear" else [lin])
+        assert ("forward" in lin.__dict__) == (kernel != "linear")
+        # every kernel is W x + b with fp32 accumulation: equal within one bf16 rounding of the result
+        assert torch.allclose(lin(x).float(), want.float(), atol=1e-2, rtol=2 ** -7)
+    assert torch.backends.mkldnn.enabled  # "mv-aten" restores the process-wide flag
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        row_gemv.use_row_gemv(nn.Linear(4, 4), kernel="blas")
 
 
 def test_row_gemv_under_fp32_compute_returns_fp32_from_the_stored_weight() -> None:
     from quant.row_gemv import use_row_gemv
 
     lin = nn.Linear(32, 48, bias=False).to(torch.bfloat16)
-    use_row_gemv(lin, measured=False)
+    use_row_gemv(lin, kernel="mv")
     x = torch.randn(1, 32)
     with use_fp32_compute(lin):
         assert "aten::mv" in _kernels(lambda: lin(x))
@@ -307,11 +314,11 @@ def test_row_gemv_under_fp32_compute_returns_fp32_from_the_stored_weight() -> No
 def test_cpu_pipeline_runs_the_head_as_a_matrix_vector_product_where_measured_faster(tiny_dir) -> None:
     from lite import OvisPipeline
 
-    from quant.row_gemv import row_gemv_is_faster
+    from quant.row_gemv import one_row_kernel
 
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", progress=False)
     head = pipe.model.llm.lm_head
     assert head.weight is pipe.model.llm.model.embed_tokens.weight
-    # CPU-dependent by design: the matrix-vector kernel is taken only where this CPU measures it faster
-    # (Intel Xeon AMX: yes; AMD EPYC Zen 4: no); the assertion is that the pipeline follows the measurement
-    assert ("forward" in head.__dict__) == row_gemv_is_faster(head.weight.dtype)
+    # CPU-dependent by design: the one-row kernel is the one this CPU measures fastest (Intel Xeon AMX:
+    # oneDNN's mv; AMD EPYC Zen 4: ATen's mv); the assertion is that the pipeline follows the measurement
+    assert ("forward" in head.__dict__) == (one_row_kernel(head.weight.dtype) != "linear")
