@@ -244,3 +244,22 @@ def test_prefill_sized_int4_calls_take_the_dense_path_and_agree_with_the_kernel(
     mag = x.double().abs() @ w_dq.abs().t()
     for y in (dense, kernel):  # both within bf16 rounding of the weight, the activations and the output
         assert ((y.double() - ref).abs() <= 4 * BF16_EPS * mag + 1e-6).all()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_keeps_the_int4_kernel_where_the_dense_gemm_has_no_real_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                                               native: bool) -> None:
+    # On an AVX2-only CPU a bf16 dense GEMM is a fallback ~50x slower than the int4 kernel: the dense prefill
+    # path is taken only where `dense_gemm_is_native` (oneDNN's bf16 support, which honours its ISA cap).
+    from torch.profiler import profile
+
+    from quant.backends import int4_prefill
+
+    assert int4_prefill.dense_gemm_is_native(torch.float32)  # fp32 GEMMs are native everywhere
+    monkeypatch.setattr(int4_prefill, "dense_gemm_is_native", lambda dtype: native)
+    layer = tn.build(_weight(128, 256), None, "int4", CPU, QuantSpec("int4", group_size=64), torch.bfloat16)
+    x = torch.randn(int4_prefill.DENSE_ABOVE_ROWS + 1, 256).bfloat16()
+    with profile() as prof:
+        layer(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert ("aten::_weight_int4pack_mm_for_cpu" in ops) == (not native)

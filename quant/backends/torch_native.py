@@ -253,7 +253,8 @@ class PackedInt4Linear(_PackedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, self.in_features)
         layout = CPU_LAYOUTS.get(self.layout)
-        if rows <= int4_prefill.DENSE_ABOVE_ROWS or not int4_prefill.supports(self.packed, layout, self.out_features):
+        if rows <= int4_prefill.DENSE_ABOVE_ROWS or not int4_prefill.supports(self.packed, layout, self.out_features,
+                                                                               self.compute_dtype):
             return super().forward(x)
         assert layout is not None  # prefill-sized: the kernel's cost grows with the rows (int4_prefill)
         cd = self.compute_dtype
