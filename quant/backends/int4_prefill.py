@@ -70,13 +70,17 @@ def dense_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_siz
     half = block // 2
     stored = packed.reshape(n // block, k, half).permute(1, 0, 2)  # [K, blocks, R/2], strided
     nibbles = _buffer("nibbles", k * n, torch.uint8)
-    if style == "lanes" and half % 4 == 0:
-        # low and high nibbles of 4 bytes at a time, straight into the two halves of each block (no temporaries:
-        # 2.3-2.6x faster than splitting bytes, AMD EPYC Zen 4)
+    word = next((w for w in (torch.int64, torch.int32) if half % w.itemsize == 0
+                 and packed.storage_offset() % w.itemsize == 0), None)
+    if style == "lanes" and word is not None:
+        # low and high nibbles of 8 (or 4) bytes at a time, straight into the two halves of each block (no
+        # temporaries: 2.3-2.6x faster than splitting bytes, AMD EPYC Zen 4; int64 words 1.35x faster than int32
+        # words, Intel Xeon AMX)
+        mask = int.from_bytes(b"\x0f" * word.itemsize, "little")
         lanes = nibbles.view(k, n // block, 2, half)
-        words = stored.view(torch.int32)
-        torch.bitwise_and(words, 0x0F0F0F0F, out=lanes[:, :, 0].view(torch.int32))
-        torch.bitwise_right_shift(words, 4, out=lanes[:, :, 1].view(torch.int32)).bitwise_and_(0x0F0F0F0F)
+        words = stored.view(word)
+        torch.bitwise_and(words, mask, out=lanes[:, :, 0].view(word))
+        torch.bitwise_right_shift(words, 4, out=lanes[:, :, 1].view(word)).bitwise_and_(mask)
     else:
         shape = (k, n // block, half, 2) if style == "pairs" else (k, n // block, 2, half)
         torch.stack([stored & 0x0F, stored >> 4], dim=3 if style == "pairs" else 2, out=nibbles.view(shape))
@@ -85,8 +89,8 @@ def dense_weight(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_siz
     sz = scales_and_zeros.to(torch.float32)
     scale = sz[..., 0].to(dtype).unsqueeze(1)
     offset = (sz[..., 1] - 8.0 * sz[..., 0]).to(dtype).unsqueeze(1)  # w = q * scale + (zero - 8 * scale)
-    if dtype == torch.float32:  # addcmul from uint8 into fp32 takes a slow path: cast, then two passes (2.3x faster)
-        levels.copy_(q).mul_(scale).add_(offset)
-    else:  # one pass from the nibbles, rounded once: 1.3-1.4x faster than cast, multiply, add (Xeon AMX, bf16)
-        torch.addcmul(offset, q, scale, out=levels)
+    # cast the nibbles (exact), then one in-place multiply-add: addcmul straight from uint8 takes a slow mixed-dtype
+    # path (bf16 6144x2048: 7.5 -> 3.1 ms, bitwise the same; fp32 2.9 -> 2.2 ms, one rounding instead of two)
+    levels.copy_(q)
+    torch.addcmul(offset, levels, scale, out=levels)
     return levels.view(k, n)
