@@ -3,9 +3,9 @@
 Why: torch 2.13's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) has no blocked/AMX path: its time grows
 with the rows (6144x2048, Intel Xeon with AMX: 15 ms at 64 rows, 54-84 ms at 256, 238 ms at 1024, against
 a 4-18 ms bf16 GEMM; AMD EPYC Zen 5: 0.08 ms per row). Dequantizing the stored nibbles costs a fixed
-~17-23 ms there whatever the rows, so above `DENSE_ABOVE_ROWS` rows the layer writes its weight straight
-into the dense GEMM's [K, N] operand (the kernel's blocks are k-major, so no transposition is needed): two
-nibble passes, then one multiply-add per group from the nibbles into the compute dtype; then `x @ W`. Decode (1 row) keeps
+~5.5 ms there (Xeon AMX, bf16) whatever the rows, so above `DENSE_ABOVE_ROWS` rows the layer writes its weight
+straight into the dense GEMM's [K, N] operand (the kernel's blocks are k-major, so no transposition is needed):
+two nibble passes, a cast, then one multiply-add per group in the compute dtype; then `x @ W`. Decode (1 row) keeps
 the kernel, which reads 4 bits per weight.
 
 Layouts (see `torch_native`): a block of R rows is stored [K, R/2] bytes; "lanes" keeps row j in the low
