@@ -179,6 +179,19 @@ def interleave(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
 
 # --------------------------------------------------------------------------------------------- components
 
+def as_runtime_packs(model: nn.Module, component: str, compute: torch.dtype) -> nn.Module:
+    """A copy of `model` with its token-wise bf16 weights in oneDNN's layout, as the pipeline sets it up on CPU
+    (`lite.runtime.loading.pack_cpu_linears`); the model itself where the runtime would not pack."""
+    from lite.runtime.loading import runs_on_one_row
+    from quant.prepack import prepack_available, use_packed_linears
+
+    if compute != torch.bfloat16 or not prepack_available(torch.bfloat16):
+        return model
+    packed = copy.deepcopy(model)
+    use_packed_linears(packed, lambda name: runs_on_one_row(component, name))
+    return packed
+
+
 def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: int) -> dict[str, Any]:
     from lite.model.modeling_yak import RefinedText, YakTransformer
 
@@ -196,23 +209,25 @@ def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: i
     txt = torch.randn(1, 64, txt_in)
     t = torch.tensor([0.5])
 
-    def run(dtype: torch.dtype) -> Callable[[], object]:
+    def run(model: nn.Module, dtype: torch.dtype) -> Callable[[], object]:
         def go() -> object:
-            text = yak.refine(txt.to(dtype))
-            return yak(img.to(dtype), ids, RefinedText(text.txt_fea.to(dtype), text.y.to(dtype)), t.to(dtype))
+            text = model.refine(txt.to(dtype))
+            return model(img.to(dtype), ids, RefinedText(text.txt_fea.to(dtype), text.y.to(dtype)), t.to(dtype))
         return go
 
-    shapes = record_linear_shapes(yak, run(torch.bfloat16))
-    attention = record_attention_shapes(run(torch.bfloat16))
+    shapes = record_linear_shapes(yak, run(yak, torch.bfloat16))
+    attention = record_attention_shapes(run(yak, torch.bfloat16))
 
     def before() -> float:
-        return timed(run(torch.bfloat16))
+        return timed(run(yak, torch.bfloat16))
+
+    packed = as_runtime_packs(yak, "yak", compute)
 
     def after() -> float:
         if compute == torch.bfloat16:
-            return timed(run(torch.bfloat16))
+            return timed(run(packed, torch.bfloat16))
         with use_fp32_compute(yak):
-            return timed(run(torch.float32))
+            return timed(run(yak, torch.float32))
 
     m = interleave({"before": before, "after": after, **limit_cases(shapes, attention)}, rounds)
     return {"resolution": res, "tokens": n + 64, "blocks": [ycfg.depth, ycfg.depth_single_blocks],
@@ -232,19 +247,20 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
     grid = torch.tensor([[1, 32, 32]])
     px = torch.randn(32 * 32, vcfg.num_channels * vcfg.patch_size ** 2)
 
-    def run(dtype: torch.dtype) -> Callable[[], object]:
-        return lambda: vit(px.to(dtype), grid)
+    def run(model: nn.Module, dtype: torch.dtype) -> Callable[[], object]:
+        return lambda: model(px.to(dtype), grid)
 
-    shapes = record_linear_shapes(vit, run(torch.bfloat16))
-    attention = record_attention_shapes(run(torch.bfloat16))
+    shapes = record_linear_shapes(vit, run(vit, torch.bfloat16))
+    attention = record_attention_shapes(run(vit, torch.bfloat16))
+    packed = as_runtime_packs(vit, "vision", compute)
 
     def after() -> float:
         if compute == torch.bfloat16:
-            return timed(run(torch.bfloat16))
+            return timed(run(packed, torch.bfloat16))
         with use_fp32_compute(vit):
-            return timed(run(torch.float32))
+            return timed(run(vit, torch.float32))
 
-    m = interleave({"before": lambda: timed(run(torch.bfloat16)), "after": after,
+    m = interleave({"before": lambda: timed(run(vit, torch.bfloat16)), "after": after,
                     **limit_cases(shapes, attention)}, rounds)
     return {"patches": 1024, "layers": vcfg.num_hidden_layers, "seconds": {"before": m["before"], "after": m["after"]},
             "gemm_seconds": {"bf16": m["gemm_bf16"], "fp32": m["gemm_fp32"]},
@@ -520,14 +536,18 @@ def main() -> None:
 
     cfg = parse_config(json.loads(CONFIG.read_text()), str(CONFIG))
     only = set(args.only.split(","))
+    from quant.prepack import prepack_available
+
+    packed = ", oneDNN-packed weights" if compute == torch.bfloat16 and prepack_available(compute) else ""
     result: dict[str, Any] = {
         "machine": feats.to_dict(), "describe": feats.describe(), "emulated_avx2": args.emulated,
         "torch": torch.__version__, "threads": hw.intra_threads(), "openmp_wait": wait_policy_note(),
         "one_row_bf16_kernel": one_row_kernel(torch.bfloat16), "quick": args.quick,
         "compute_dtype": str(compute).removeprefix("torch."), "why": why,
-        "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations)",
-                    "yak": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute",
-                    "vit": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute",
+        "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations; dense GEMM over "
+                           "dequantized weights above 128 rows)",
+                    "yak": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute{packed}",
+                    "vit": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute{packed}",
                     "vae": "dense fp32"},
         "before": "bf16 compute, quanto int4 LLM",
     }

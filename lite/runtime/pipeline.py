@@ -40,7 +40,7 @@ from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps
 from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
-from lite.runtime.loading import choose_cpu_compute, load_weights
+from lite.runtime.loading import choose_cpu_compute, load_weights, pack_cpu_linears
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
 from lite.sampling import Guidance, guided_nfe
@@ -119,6 +119,10 @@ class OvisPipeline:
         if dev.type == "cpu":
             from quant.row_gemv import use_row_gemv
 
+            from lite.runtime.hardware import cpu_compute_dtype
+
+            if budget is None and dtype in (None, "auto") and cpu_compute_dtype()[0] == torch.bfloat16:
+                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
             use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
             if dtype in (None, "auto"):
                 pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
