@@ -252,7 +252,7 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
 
     shapes = record_linear_shapes(vit, run(vit, torch.bfloat16))
     attention = record_attention_shapes(run(vit, torch.bfloat16))
-    packed = as_runtime_packs(vit, "vision", compute)
+    packed = vit  # a checkpoint's bf16 ViT is memory-mapped, and mapped weights stay unpacked (quant/prepack.py)
 
     def after() -> float:
         if compute == torch.bfloat16:
@@ -481,6 +481,11 @@ def kernels_section(rounds: int, compute: torch.dtype) -> dict[str, Any]:
     use_row_gemv(dense["bf16, one row as torch.mv"], kernel="mv")
     dense["bf16, one row, ATen mv"] = copy.deepcopy(dense["bf16 GEMM"])
     use_row_gemv(dense["bf16, one row, ATen mv"], kernel="mv-aten")
+    from quant.prepack import prepack_available, use_packed_linears
+
+    if prepack_available(torch.bfloat16):  # the Yak's and ViT's layers on this CPU (quant/prepack.py)
+        dense["bf16, oneDNN-packed weight"] = copy.deepcopy(dense["bf16 GEMM"])
+        use_packed_linears(dense["bf16, oneDNN-packed weight"])
     layers.update(dense)
     for label, spec in (("quanto int4 g128", QuantSpec("int4", backend="quanto")),
                         ("quanto int8", QuantSpec("int8", backend="quanto")),
@@ -547,7 +552,7 @@ def main() -> None:
         "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations; dense GEMM over "
                            "dequantized weights above 128 rows)",
                     "yak": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute{packed}",
-                    "vit": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute{packed}",
+                    "vit": f"dense, bf16 storage, {str(compute).removeprefix('torch.')} compute",
                     "vae": "dense fp32"},
         "before": "bf16 compute, quanto int4 LLM",
     }

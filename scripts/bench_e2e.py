@@ -56,7 +56,8 @@ def main() -> None:
         else:
             pipe.edit(image, "add a hat", **sampling)
         stats = pipe.last_run
-        result["runs"][task] = {"seconds": time.perf_counter() - t, "nfe": stats.nfe, "phases": stats.phases,
+        result["runs"][task] = {"seconds": time.perf_counter() - t, "nfe": stats.nfe, "tokens": stats.tokens,
+                                "phases": stats.phases,
                                 "peak_device_bytes": device_peak_bytes(pipe.device),
                                 "peak_rss_bytes": peak_rss_bytes(),
                                 "offload_plan_peak": pipe.offload_plan.planned_peak_bytes if pipe.offload_plan else None}

@@ -101,3 +101,32 @@ def test_cpu_pipeline_packs_yak_and_vit_token_layers_only_where_native(tiny_dir)
     pipe.enable_offload(1 << 40)  # paging needs plain tensors: everything is unpacked
     assert not any(p.is_mkldnn for p in model.parameters())
     assert image.tobytes() == pipe.generate("a red square", width=64, height=64, steps=2, seed=3).tobytes()
+
+
+def test_file_backed_ranges_reads_file_mappings_only() -> None:
+    maps = ("55d0c0000000-55d0c0021000 r--p 00000000 fd:01 1234  /usr/bin/python3.11\n"
+            "7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n"
+            "7f1000000000-7f1040000000 r--s 00000000 fd:01 99  /tmp/ckpt/model-00001.safetensors\n"
+            "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0  [stack]\n")
+    ranges = prepack.file_backed_ranges(maps)
+    assert ranges == [(0x55D0C0000000, 0x55D0C0021000), (0x7F1000000000, 0x7F1040000000)]
+    assert prepack._in_ranges(0x7F1000000010, ranges) and not prepack._in_ranges(0x7F0000000010, ranges)
+    assert not prepack._in_ranges(0x7F1040000000, ranges)  # the end is exclusive
+
+
+@needs_native
+def test_weights_viewing_a_mapped_checkpoint_stay_unpacked(tmp_path) -> None:
+    """Packing a view of an mmapped shard would add a copy while the mapping keeps the original resident."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _model()
+    save_file({"w": model[0].weight.detach().contiguous()}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        mapped = f.get_tensor("w")
+    if not prepack._in_ranges(mapped.data_ptr(), prepack.file_backed_ranges()):
+        pytest.skip("this safetensors build copies instead of mapping")
+    model[0].weight = nn.Parameter(mapped, requires_grad=False)
+    state = use_packed_linears(model)
+    assert model[0] not in state.layers and not model[0].weight.is_mkldnn
+    assert model[2] in state.layers and model[3] in state.layers
