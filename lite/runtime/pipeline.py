@@ -119,13 +119,11 @@ class OvisPipeline:
         if dev.type == "cpu":
             from quant.row_gemv import use_row_gemv
 
-            from lite.runtime.hardware import cpu_compute_dtype
-
-            if budget is None and dtype in (None, "auto") and cpu_compute_dtype()[0] == torch.bfloat16:
-                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
-            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
             if dtype in (None, "auto"):
                 pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
+            if budget is None and pipe._fp32_compute is None:
+                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
+            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
