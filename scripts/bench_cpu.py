@@ -247,20 +247,19 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
     grid = torch.tensor([[1, 32, 32]])
     px = torch.randn(32 * 32, vcfg.num_channels * vcfg.patch_size ** 2)
 
-    def run(model: nn.Module, dtype: torch.dtype) -> Callable[[], object]:
-        return lambda: model(px.to(dtype), grid)
+    def run(dtype: torch.dtype) -> Callable[[], object]:
+        return lambda: vit(px.to(dtype), grid)
 
-    shapes = record_linear_shapes(vit, run(vit, torch.bfloat16))
-    attention = record_attention_shapes(run(vit, torch.bfloat16))
-    packed = vit  # a checkpoint's bf16 ViT is memory-mapped, and mapped weights stay unpacked (quant/prepack.py)
+    shapes = record_linear_shapes(vit, run(torch.bfloat16))
+    attention = record_attention_shapes(run(torch.bfloat16))
 
-    def after() -> float:
+    def after() -> float:  # unpacked, as in the runtime: a checkpoint's bf16 ViT is memory-mapped (quant/prepack.py)
         if compute == torch.bfloat16:
-            return timed(run(packed, torch.bfloat16))
+            return timed(run(torch.bfloat16))
         with use_fp32_compute(vit):
-            return timed(run(vit, torch.float32))
+            return timed(run(torch.float32))
 
-    m = interleave({"before": lambda: timed(run(vit, torch.bfloat16)), "after": after,
+    m = interleave({"before": lambda: timed(run(torch.bfloat16)), "after": after,
                     **limit_cases(shapes, attention)}, rounds)
     return {"patches": 1024, "layers": vcfg.num_hidden_layers, "seconds": {"before": m["before"], "after": m["after"]},
             "gemm_seconds": {"bf16": m["gemm_bf16"], "fp32": m["gemm_fp32"]},
@@ -483,7 +482,7 @@ def kernels_section(rounds: int, compute: torch.dtype) -> dict[str, Any]:
     use_row_gemv(dense["bf16, one row, ATen mv"], kernel="mv-aten")
     from quant.prepack import prepack_available, use_packed_linears
 
-    if prepack_available(torch.bfloat16):  # the Yak's and ViT's layers on this CPU (quant/prepack.py)
+    if prepack_available(torch.bfloat16):  # the Yak's token-wise layers on this CPU (quant/prepack.py)
         dense["bf16, oneDNN-packed weight"] = copy.deepcopy(dense["bf16 GEMM"])
         use_packed_linears(dense["bf16, oneDNN-packed weight"])
     layers.update(dense)
