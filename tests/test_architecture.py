@@ -125,7 +125,7 @@ def test_every_internal_import_resolves() -> None:
 def test_every_backend_implements_the_protocol() -> None:
     from quant.backends import REGISTRY, auto_chain
     from quant.backends.base import Backend
-    from quant.spec import FORMATS
+    from quant.formats import FORMATS
 
     for name, backend in REGISTRY.items():
         assert isinstance(backend, Backend), name
