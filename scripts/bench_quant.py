@@ -332,7 +332,7 @@ def bench_load(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"{path}/config.json missing")
         entries = index_checkpoint(path)
     except CheckpointError as exc:
-        return {"skipped": f"no complete full-size checkpoint at {path} ({exc}); write it with scripts/bench_load.py"}
+        return {"skipped": f"no complete full-size checkpoint at {path} ({exc}); write it with scripts/write_fullsize.py"}
     bf16 = sum(math.prod(e.shape) * 2 for e in entries.values())
     res = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), args.load_policy], capture_output=True,
                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -36,6 +36,7 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.caches import RuntimeCaches
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
@@ -88,6 +89,7 @@ class OvisPipeline:
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
         self._fp32_compute: Any = None
+        self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
