@@ -118,7 +118,7 @@ class OvisU1Config:
 
     def qwen3_config(self) -> Qwen3Config:
         """transformers' Qwen3 config built from `llm_config`, with SDPA attention."""
-        from transformers import Qwen3Config
+        from transformers import Qwen3Config  # transformers takes seconds to import: only when a model is built
 
         try:
             cfg = Qwen3Config(**{k: v for k, v in self.llm.items() if k not in _HF_NOISE_KEYS})
