@@ -36,11 +36,14 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
+from lite.runtime.cpu.plan import CpuPlan
+from lite.runtime.cpu.probes import this_machine_plan
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
-from lite.runtime.loading import choose_cpu_compute, load_weights, pack_cpu_linears
+from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
 from lite.sampling import Guidance, guided_nfe
@@ -87,7 +90,8 @@ class OvisPipeline:
         self.preset: Preset | None = None
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
-        self._fp32_compute: Any = None
+        self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
+        self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -116,14 +120,12 @@ class OvisPipeline:
             pipe.set_vae_tiling(preset.vae_tile)
         if budget is not None:
             pipe.enable_offload(budget)
-        if dev.type == "cpu":
-            from quant.row_gemv import use_row_gemv
-
-            if dtype in (None, "auto"):
-                pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
-            if budget is None and pipe._fp32_compute is None:
-                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
-            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
+        if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            auto = dtype in (None, "auto")
+            pipe.cpu_plan = this_machine_plan()
+            pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
+            pipe.compute_dtype = pipe.cpu_hooks.compute_dtype
+            pipe.compute_reason = pipe.cpu_plan.compute.reason if auto else None
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
@@ -432,6 +434,8 @@ class OvisPipeline:
             from lite.runtime.hardware import detect
 
             stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
+            if self.cpu_hooks is not None:
+                stats.machine["cpu_plan"] = self.cpu_hooks.plan_dict()
         self.last_run = stats
         return stats
 
