@@ -25,7 +25,8 @@ from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
-from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.config import PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -109,9 +110,10 @@ class OvisPipeline:
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
         preset = get_preset(preset) if preset is not None else None
+        _, pp = check_checkpoint_files(directory)  # every file check, then the tokenizer, before any weight
+        tokenizer = load_tokenizer(directory)
         model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                   progress, report)
+        pipe = cls(model, tokenizer, pp, dev, progress, report)
         pipe.model_id = model_id_of(directory)
         if preset is not None:
             pipe.preset = preset
