@@ -25,7 +25,8 @@ from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
-from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.config import PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -36,6 +37,7 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.caches import RuntimeCaches
 from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
 from lite.runtime.cpu.plan import CpuPlan
 from lite.runtime.cpu.probes import this_machine_plan
@@ -92,6 +94,7 @@ class OvisPipeline:
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
         self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
         self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
+        self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -111,9 +114,10 @@ class OvisPipeline:
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
         preset = get_preset(preset) if preset is not None else None
+        _, pp = check_checkpoint_files(directory)  # every file check, then the tokenizer, before any weight
+        tokenizer = load_tokenizer(directory)
         model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                   progress, report)
+        pipe = cls(model, tokenizer, pp, dev, progress, report)
         pipe.model_id = model_id_of(directory)
         if preset is not None:
             pipe.preset = preset
@@ -121,11 +125,9 @@ class OvisPipeline:
         if budget is not None:
             pipe.enable_offload(budget)
         if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
-            auto = dtype in (None, "auto")
-            pipe.cpu_plan = this_machine_plan()
+            pipe.cpu_plan, auto = this_machine_plan(), dtype in (None, "auto")
             pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
-            pipe.compute_dtype = pipe.cpu_hooks.compute_dtype
-            pipe.compute_reason = pipe.cpu_plan.compute.reason if auto else None
+            pipe.compute_dtype, pipe.compute_reason = pipe.cpu_hooks.compute_dtype, pipe.cpu_plan.compute.reason if auto else None
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
@@ -433,9 +435,8 @@ class OvisPipeline:
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
 
-            stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
-            if self.cpu_hooks is not None:
-                stats.machine["cpu_plan"] = self.cpu_hooks.plan_dict()
+            plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
+            stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats
         return stats
 
