@@ -85,9 +85,10 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
 
 def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
     """For a checkpoint written by `ovis-lite quantize`: which preset and device its weights were made for."""
-    from lite.model.prequantized import is_quantized_checkpoint, read_checkpoint_manifest
+    from lite.model.checkpoint import CheckpointKind, checkpoint_kind
+    from lite.model.prequantized import read_checkpoint_manifest
 
-    if not is_quantized_checkpoint(directory):
+    if checkpoint_kind(directory) is not CheckpointKind.PREQUANTIZED:
         return None
     manifest = read_checkpoint_manifest(directory)
     made = (str(manifest.get("policy")), str(manifest.get("target_device_type")))
