@@ -122,30 +122,38 @@ def test_prompt_file_skips_comments_and_each_prompt_draws_its_own_seed(tiny_dir,
     assert metas[0]["seed"] != metas[1]["seed"]
 
 
-# ---- 13: plan agrees with runs ------------------------------------------------------------------------------
+# ---- 13: plan agrees with runs (in-process: `main` is the CLI; these load nothing) ---------------------------
+
+def _plan(capsys, *argv: str) -> tuple[int, str, str]:
+    from lite.cli.main import main
+
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 @only_without_gpu
-def test_plan_on_a_cpu_plans_what_a_run_picks_and_never_cuda_untold():
-    t2i = run_cli("plan", "--task", "t2i", "--json")
-    assert t2i.rc == 0 and json.loads(t2i.stdout)["device"] == "cpu", t2i.stderr
-    assert json.loads(t2i.stdout)["preset"] == "cpu"
-    run_cli("plan", "--task", "edit", "--budget", "3GB").assert_one_line_error("--device cuda")
-    told = run_cli("plan", "--task", "edit", "--budget", "3GB", "--device", "cuda", "--json")
-    assert told.rc == 0 and json.loads(told.stdout)["device"] == "cuda"
-    ram = run_cli("plan", "--task", "t2i", "--ram", "8GB")
-    assert ram.rc == 0 and "8.0 GiB RAM" in ram.stdout, ram.stderr
+def test_plan_on_a_cpu_plans_what_a_run_picks_and_never_cuda_untold(capsys):
+    code, out, err = _plan(capsys, "--task", "t2i", "--json")
+    assert code == 0 and (json.loads(out)["device"], json.loads(out)["preset"]) == ("cpu", "cpu"), err
+    code, out, err = _plan(capsys, "--task", "edit", "--budget", "3GB")
+    assert code == 2 and err.count("\n") == 1 and "--device cuda" in err and not out
+    code, out, err = _plan(capsys, "--task", "edit", "--budget", "3GB", "--device", "cuda", "--json")
+    assert code == 0 and json.loads(out)["device"] == "cuda", err
+    code, out, err = _plan(capsys, "--task", "t2i", "--ram", "8GB")
+    assert code == 0 and "8.0 GiB RAM" in out, err
 
 
-def test_plan_for_understanding_shows_no_image_phases():
-    run = run_cli("plan", "--preset", "cpu", "--task", "understand")
-    assert run.rc == 0, run.stderr
-    assert "denoise" not in run.stdout and "decode" not in run.stdout and "1024x1024" not in run.stdout
-    assert run.stdout.startswith("understand with cpu on cpu")
+def test_plan_for_understanding_shows_no_image_phases(capsys):
+    code, out, err = _plan(capsys, "--preset", "cpu", "--task", "understand")
+    assert code == 0, err
+    assert "denoise" not in out and "decode" not in out and "1024x1024" not in out
+    assert out.startswith("understand with cpu on cpu")
 
 
-def test_plan_says_the_floored_size():
-    run = run_cli("plan", "--preset", "cpu", "--width", "250", "--height", "250")
-    assert run.rc == 0 and "t2i 240x240 with cpu" in run.stdout and "250x250 is floored" in run.stdout
+def test_plan_says_the_floored_size(capsys):
+    code, out, err = _plan(capsys, "--preset", "cpu", "--width", "250", "--height", "250")
+    assert code == 0 and "t2i 240x240 with cpu" in out and "250x250 is floored" in out, err
 
 
 # ---- 14: quantize and a pre-quantized checkpoint --------------------------------------------------------------
