@@ -257,7 +257,7 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
     shapes = record_linear_shapes(vit, run(torch.bfloat16))
     attention = record_attention_shapes(run(torch.bfloat16))
 
-    def after() -> float:  # unpacked, as in the runtime: a checkpoint's bf16 ViT is memory-mapped (quant/prepack.py)
+    def after() -> float:  # unpacked, as in the runtime: a checkpoint's bf16 ViT is memory-mapped (lite/runtime/cpu/prepack.py)
         if compute == torch.bfloat16:
             return timed(run(torch.bfloat16))
         with use_fp32_compute(vit):

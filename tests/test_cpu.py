@@ -248,7 +248,7 @@ def test_hardware_module_imports_without_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-# -- one-row dense layers as torch.mv (quant/row_gemv.py) -----------------------------------------
+# -- one-row dense layers as torch.mv (lite/runtime/cpu/row_gemv.py) -----------------------------------------
 
 def _kernels(fn) -> set[str]:
     from torch.profiler import profile
