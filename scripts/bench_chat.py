@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def run_turns(pipe, image, new_tokens: int, turns: int) -> list[dict]:
                 pieces.append(piece)
             stats = pipe.last_run
             answer = "".join(pieces)
+            print(f"turn {len(history) + 1}: {time.perf_counter() - t0:.1f} s, phases "
+                  f"{ {k: round(v, 2) for k, v in stats.phases.items()} }, cache {stats.cache.get('prefix_tokens_reused')}"
+                  f" reused / {stats.cache.get('prefill_tokens')} prefilled", file=sys.stderr, flush=True)
             history.append(Turn(question, answer, num_images=0 if history else 1))
             out.append({"ttft_s": stats.phases.get("ttft"), "first_text_s": first_piece,
                         "seconds": time.perf_counter() - t0, "phases": stats.phases, "tokens": stats.tokens,
@@ -99,6 +103,7 @@ def main() -> None:
     t0 = time.perf_counter()
     pipe = OvisPipeline.from_pretrained(model, device="cpu", preset=args.preset, progress=False)
     load_s = time.perf_counter() - t0
+    print(f"loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
     cached = run_turns(pipe, image, args.new_tokens, args.turns)
