@@ -86,6 +86,10 @@ class CoreWindow:
         others = self.others_busy_cores()
         if others is None:
             return limit, "no core reading: all threads"
-        free = len(self.cpus) - others
-        threads = max(1, min(limit, int(free + (1 - FREE_SHARE))))
+        threads = choose_threads(len(self.cpus), others, limit)
         return threads, f"others used {others:.2f} of {len(self.cpus)} cores: {threads} decode thread(s)"
+
+
+def choose_threads(cores: int, others_busy: float, limit: int) -> int:
+    """One thread per core that others leave at least `FREE_SHARE` free, within 1..`limit`."""
+    return max(1, min(limit, int(cores - others_busy + (1 - FREE_SHARE))))

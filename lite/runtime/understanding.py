@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lite.model.processing import preprocess_image, tokenize_with_images
+from lite.model.processing import preprocess_image, tokenize_with_images, truncate_left
 from lite.runtime.decode import Sampling, TextPieces, forward_last, generate_tokens, timed
 from lite.runtime.decode_threads import CoreWindow
 from lite.runtime.kv_cache import PositionKey, longest_prefix, new_cache, remember, snapshot
@@ -62,8 +62,6 @@ def build_prompt(pipe: Any, text: str, images: list[Image.Image], clock: dict[st
     positions = position_key(ids.tolist(), model.architecture.image_atom_id, digests, [v.shape[0] for v in visual])
     limit = model.config.multimodal_max_length
     if embeds.shape[1] > limit:
-        from lite.model.processing import truncate_left
-
         embeds, positions = truncate_left(embeds, limit), positions[-limit:]
     return Prompt(embeds, positions)
 
