@@ -25,7 +25,8 @@ from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
-from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.config import PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -37,11 +38,14 @@ from lite.model.processing import (T2I_PREFIX, Turn, edit_output_size,
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
 from lite.runtime.caches import RuntimeCaches
+from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
+from lite.runtime.cpu.plan import CpuPlan
+from lite.runtime.cpu.probes import this_machine_plan
 from lite.runtime.decode import Sampling
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
-from lite.runtime.loading import choose_cpu_compute, load_weights, pack_cpu_linears
+from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
 from lite.runtime.understanding import answer
@@ -91,7 +95,8 @@ class OvisPipeline:
         self.preset: Preset | None = None
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
-        self._fp32_compute: Any = None
+        self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
+        self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
         self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
@@ -112,23 +117,20 @@ class OvisPipeline:
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
         preset = get_preset(preset) if preset is not None else None
+        _, pp = check_checkpoint_files(directory)  # every file check, then the tokenizer, before any weight
+        tokenizer = load_tokenizer(directory)
         model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                   progress, report)
+        pipe = cls(model, tokenizer, pp, dev, progress, report)
         pipe.model_id = model_id_of(directory)
         if preset is not None:
             pipe.preset = preset
             pipe.set_vae_tiling(preset.vae_tile)
         if budget is not None:
             pipe.enable_offload(budget)
-        if dev.type == "cpu":
-            from quant.row_gemv import use_row_gemv
-
-            if dtype in (None, "auto"):
-                pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
-            if budget is None and pipe._fp32_compute is None:
-                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
-            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
+        if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            pipe.cpu_plan, auto = this_machine_plan(), dtype in (None, "auto")
+            pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
+            pipe.compute_dtype, pipe.compute_reason = pipe.cpu_hooks.compute_dtype, pipe.cpu_plan.compute.reason if auto else None
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
@@ -413,7 +415,8 @@ class OvisPipeline:
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
 
-            stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
+            plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
+            stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats
         return stats
 
