@@ -95,7 +95,8 @@ def main() -> None:
 
     from PIL import Image
 
-    from lite.runtime.hardware import configure_threads, detect
+    from lite.runtime.cpu.threads import configure_threads
+    from lite.runtime.hardware import detect
     from lite.runtime.pipeline import OvisPipeline
 
     configure_threads(args.threads)

@@ -86,7 +86,8 @@ def main() -> None:
     overhead = per_token_overhead_ms()
     from lite.runtime.decode import forward_last
     from lite.runtime.decode_threads import CoreWindow
-    from lite.runtime.hardware import configure_threads, detect
+    from lite.runtime.cpu.threads import configure_threads
+    from lite.runtime.hardware import detect
     from lite.runtime.kv_cache import new_cache, snapshot
     from lite.runtime.pipeline import OvisPipeline
 
