@@ -54,7 +54,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
     """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
     from lite.model.checkpoint import find_checkpoint
-    from lite.model.config import load_config, load_preprocessor_config
+    from lite.model.preflight import check_checkpoint_files
     from lite.runtime import planning
     from lite.runtime.devices import resolve_device, resolve_dtype
     from lite.runtime.machine import detect_machine
@@ -64,7 +64,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     device, fallback = resolve_device(args.device)
     notices = [fallback] if fallback else []
     directory = find_checkpoint(args.model)
-    config, pp = load_config(directory), load_preprocessor_config(directory)
+    config, pp = check_checkpoint_files(directory)  # every file check before any weight is read
     config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:

@@ -7,6 +7,7 @@ placed. Nothing is unpickled, and host RAM never holds two copies of the model.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import time
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # the model code (transformers, diffusers) is imported when a
     from lite.model.modeling_ovis_u1 import OvisU1
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
+#: The manifest `lite.model.prequantized_save` writes last: its presence makes a folder pre-quantized.
+MANIFEST_FILE = "ovis_lite_quant.json"
 MODEL_ENV = "OVIS_LITE_MODEL"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -71,6 +74,18 @@ def find_checkpoint(model: str | os.PathLike[str] | None = None) -> Path:
     raise CheckpointError(
         f"no Ovis-U1 checkpoint found (looked in: {', '.join(looked)}); download {HF_REPO_IDS[0]} "
         f"(e.g. `hf download {HF_REPO_IDS[0]}`) and pass --model DIR, or set ${MODEL_ENV}")
+
+
+class CheckpointKind(enum.Enum):
+    """What a checkpoint folder holds, decided once (`checkpoint_kind`) and handed down to the loader."""
+
+    PLAIN = "plain"  # the HF layout: full-precision tensors, cast or quantized while they stream in
+    PREQUANTIZED = "prequantized"  # written by `save_quantized_checkpoint`: payloads restored as stored
+
+
+def checkpoint_kind(directory: str | os.PathLike[str]) -> CheckpointKind:
+    """PREQUANTIZED for a folder holding the manifest (`MANIFEST_FILE`), else PLAIN."""
+    return CheckpointKind.PREQUANTIZED if (Path(directory) / MANIFEST_FILE).is_file() else CheckpointKind.PLAIN
 
 
 def model_id_of(directory: Path) -> str:
@@ -143,11 +158,15 @@ class LoadReport:
     rss_anon_before: int = 0
     rss_anon_after: int = 0
     policy: str = ""
-    prequantized: bool = False
+    kind: CheckpointKind = CheckpointKind.PLAIN
     quant: Any = None  # lite.model.quantize.ModelQuantReport when anything was quantized
     bytes_read: int = 0  # bytes of every tensor read from the checkpoint
     largest_tensor_bytes: int = 0
     names_read: list[str] = field(default_factory=list)
+
+    @property
+    def prequantized(self) -> bool:
+        return self.kind is CheckpointKind.PREQUANTIZED
 
 
 class ShardSource:
@@ -255,32 +274,3 @@ def load_model(
     make = (lambda _model: placer) if placer is not None else None
     return stream_into_model(directory, ShardSource(directory), torch.device(device), dtype_for, make, progress,
                              LoadReport(path=directory))
-
-
-def load_quantized_model(path: str | os.PathLike[str] | None, policy: Any = None,
-                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         progress: bool = True) -> tuple[OvisU1, LoadReport]:
-    """Load an Ovis-U1 checkpoint quantized by `policy` (a QuantPolicy or a Precision), streaming.
-
-    A directory written by `save_quantized_checkpoint` is restored from its payloads: no
-    full-precision weight is read and `policy` is ignored (the checkpoint's formats win; the report
-    names its policy). Otherwise each tensor is read from the mmapped shards, cast, quantized and
-    placed before the next one is read, so peak host RAM is about the quantized model plus the
-    largest tensor's transients. `dtype` overrides the policy's compute/storage dtype.
-    """
-    from lite.model.precision import as_policy
-    from lite.model.prequantized import PrequantizedSource, is_quantized_checkpoint
-    from lite.model.quantize import StreamingQuantizer
-
-    directory = find_checkpoint(path)
-    device = torch.device(device)
-    if is_quantized_checkpoint(directory):
-        source = PrequantizedSource(directory, device)
-        report = LoadReport(path=directory, policy=source.policy_name, prequantized=True)
-        return stream_into_model(directory, source, device, source.dtype_for, source.make_placer, progress, report)
-    policy = as_policy(policy, device.type)
-    if dtype is not None:
-        policy = policy.with_dtype(dtype)
-    report = LoadReport(path=directory, policy=policy.name)
-    return stream_into_model(directory, ShardSource(directory), device, policy.dtype_for,
-                             lambda model: StreamingQuantizer(model, policy, device), progress, report)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from lite.errors import Notice
-from lite.model.checkpoint import LoadReport, load_model, load_quantized_model
+from lite.model.checkpoint import CheckpointKind, LoadReport, checkpoint_kind, load_model
+from lite.model.load_quantized import load_quantized_model
 from lite.model.modeling_ovis_u1 import OvisU1
-from lite.model.prequantized import is_quantized_checkpoint
 from lite.runtime.devices import resolve_dtype
 from lite.runtime.presets import Preset
 
@@ -26,9 +26,10 @@ def load_weights(directory: Path, device: torch.device, dtype: str | torch.dtype
     checkpoint keeps its own formats). With one: its precision applied while the tensors stream in and,
     on CUDA/MPS with a paging preset, the weights kept on the host to page inside the budget.
     """
+    kind = checkpoint_kind(directory)
     if preset is None:
-        if is_quantized_checkpoint(directory):
-            model, report = load_quantized_model(directory, device=device, progress=progress)
+        if kind is CheckpointKind.PREQUANTIZED:
+            model, report = load_quantized_model(directory, device=device, progress=progress, kind=kind)
             return model, report, None
         compute = resolve_dtype(dtype)
         vae_prefix = OvisU1.architecture.prefix("vae")
@@ -46,7 +47,7 @@ def load_weights(directory: Path, device: torch.device, dtype: str | torch.dtype
     override = None if dtype in (None, "auto") else resolve_dtype(dtype)
     model, report = load_quantized_model(directory, preset.precision.policy(device.type),
                                          device=torch.device("cpu") if paging else device, dtype=override,
-                                         progress=progress)
+                                         progress=progress, kind=kind)
     return model, report, budget if paging else None
 
 

@@ -25,7 +25,8 @@ from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
-from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.config import PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -36,6 +37,7 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.caches import RuntimeCaches
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
@@ -88,6 +90,7 @@ class OvisPipeline:
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
         self._fp32_compute: Any = None
+        self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -107,9 +110,10 @@ class OvisPipeline:
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
         preset = get_preset(preset) if preset is not None else None
+        _, pp = check_checkpoint_files(directory)  # every file check, then the tokenizer, before any weight
+        tokenizer = load_tokenizer(directory)
         model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                   progress, report)
+        pipe = cls(model, tokenizer, pp, dev, progress, report)
         pipe.model_id = model_id_of(directory)
         if preset is not None:
             pipe.preset = preset
