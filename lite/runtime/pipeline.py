@@ -38,6 +38,7 @@ from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
 from lite.runtime.caches import RuntimeCaches
+from lite.runtime.condition_cache import refined_condition
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
@@ -69,6 +70,7 @@ class RunStats:
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # the pipeline's caches after the call (hits, misses, bytes)
 
 
 class OvisPipeline:
@@ -209,8 +211,9 @@ class OvisPipeline:
         t0 = time.perf_counter()
         out: dict[str, Condition] = {}
         with self._bar(len(specs), "conditions") as bar:
-            for name, content, img in specs:
-                out[name] = self.condition(content, img)
+            for name, content, img in specs:  # cached by (content, image): a repeat skips ViT, LLM and refiner
+                out[name] = Condition(refined_condition(self.caches.conditions, content, img,
+                                                        lambda: self.condition(content, img).text))
                 bar.update(1)
         stats.phases["conditions"] = time.perf_counter() - t0
         return out
@@ -431,6 +434,7 @@ class OvisPipeline:
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        stats.cache = self.caches.stats()
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
