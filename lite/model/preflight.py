@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lite.model.checkpoint import CheckpointKind, checkpoint_kind
 from lite.model.config import OvisU1Config, PreprocessorConfig, load_config, load_preprocessor_config
-from lite.model.prequantized import is_quantized_checkpoint
 from lite.model.shards import index_checkpoint, validate_checkpoint
 from lite.model.skeleton import skeleton_model
 from lite.model.tokenizer import check_tokenizer_files
@@ -26,6 +26,6 @@ def check_checkpoint_files(directory: Path) -> tuple[OvisU1Config, PreprocessorC
     config = load_config(directory)
     pp = load_preprocessor_config(directory, config.vision)
     check_tokenizer_files(directory)
-    if not is_quantized_checkpoint(directory):
+    if checkpoint_kind(directory) is CheckpointKind.PLAIN:
         validate_checkpoint(skeleton_model(config), index_checkpoint(directory))
     return config, pp
