@@ -19,6 +19,7 @@ from PIL import Image
 
 from lite.model.modeling_yak import RefinedText
 from lite.runtime.caches import ByteLRU
+from lite.runtime.denoise import Condition
 
 
 class ConditionKey(NamedTuple):
@@ -41,8 +42,8 @@ def condition_key(content: str, image: Image.Image) -> ConditionKey:
 
 
 def refined_condition(cache: ByteLRU, content: str, image: Image.Image,
-                      compute: Callable[[], RefinedText]) -> RefinedText:
-    """The refined condition for (content, image): from `cache` when there, else computed and kept.
+                      compute: Callable[[str, Image.Image], Condition]) -> RefinedText:
+    """The refined condition for (content, image): from `cache` when there, else `compute(content, image)`'s, kept.
 
     The stored tensors are handed out as they are (the denoiser only reads them), so a hit costs a digest.
     """
@@ -50,6 +51,6 @@ def refined_condition(cache: ByteLRU, content: str, image: Image.Image,
     hit = cache.get(key)
     if hit is not None:
         return hit
-    value = compute()
+    value = compute(content, image).text
     cache.put(key, value)
     return value

@@ -212,8 +212,7 @@ class OvisPipeline:
         out: dict[str, Condition] = {}
         with self._bar(len(specs), "conditions") as bar:
             for name, content, img in specs:  # cached by (content, image): a repeat skips ViT, LLM and refiner
-                out[name] = Condition(refined_condition(self.caches.conditions, content, img,
-                                                        lambda: self.condition(content, img).text))
+                out[name] = Condition(refined_condition(self.caches.conditions, content, img, self.condition))
                 bar.update(1)
         stats.phases["conditions"] = time.perf_counter() - t0
         return out

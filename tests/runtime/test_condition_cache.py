@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lite.runtime.caches import RuntimeCaches
 from lite.runtime.condition_cache import condition_key, image_digest
 from lite.runtime.pipeline import OvisPipeline
 
@@ -21,8 +22,7 @@ def pipe(tiny_dir) -> OvisPipeline:
 
 @pytest.fixture(autouse=True)
 def fresh_caches(pipe: OvisPipeline):
-    pipe.caches.set_enabled(True)
-    pipe.caches.clear()
+    pipe.caches = RuntimeCaches()  # counters from zero for each test
     yield
 
 
@@ -73,12 +73,14 @@ def test_prompt_negative_prompt_and_size_each_miss(pipe: OvisPipeline) -> None:
 
 def test_a_small_byte_budget_evicts_the_least_recently_used_condition(pipe: OvisPipeline) -> None:
     pipe.generate("a red fox", seed=1, **SIZE)
-    one = _conditions(pipe)["bytes"] // 2  # two conditions of equal shape
-    pipe.caches.conditions.set_budget(2 * one)
-    pipe.generate("a green frog", seed=1, **SIZE)  # its no_both is the fox's (same negative, same canvas)
+    held = _conditions(pipe)["bytes"]  # the fox's cond and the shared no_both
+    budget = int(1.3 * held)  # room for two conditions of these lengths, not three
+    pipe.caches.conditions.set_budget(budget)
+    pipe.generate("a green frog", seed=1, **SIZE)  # no_both is the fox's (same negative, same canvas): a hit
     stats = _conditions(pipe)
-    assert stats["bytes"] <= 2 * one and stats["evictions"] == 1 and stats["entries"] == 2
-    pipe.generate("a red fox", seed=1, **SIZE)  # the fox's cond was evicted: recomputed
+    assert stats["bytes"] <= budget and stats["evictions"] == 1 and stats["entries"] == 2
+    assert (stats["hits"], stats["misses"]) == (1, 3)
+    pipe.generate("a red fox", seed=1, **SIZE)  # the least recently used, the fox's cond, was evicted
     assert _conditions(pipe)["misses"] == 4
 
 
