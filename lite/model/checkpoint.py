@@ -14,22 +14,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from offload.accounting import module_nbytes
 
-from lite.model.config import load_config
-from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
 from lite.model.architecture import OVIS_U1
+from lite.model.config import load_config
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.progress import progress_bar
-
-if TYPE_CHECKING:  # the model code (transformers, diffusers) is imported when a model is built
-    from lite.model.modeling_ovis_u1 import OvisU1
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 #: The manifest `lite.model.prequantized_save` writes last: its presence makes a folder pre-quantized.
@@ -41,7 +39,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
     """An existing local snapshot of `repo_id` in the HF cache; never downloads."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy (httpx and more): only when no folder is given
 
         path = Path(snapshot_download(repo_id=repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not in the cache"
@@ -185,7 +183,7 @@ class ShardSource:
         return iter_checkpoint_tensors(self.entries)
 
 
-PlacerFactory = Callable[["OvisU1"], Placer]
+PlacerFactory = Callable[[OvisU1], Placer]
 
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
@@ -195,8 +193,6 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
 
     Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
     """
-    from lite.model.modeling_ovis_u1 import OvisU1
-
     config = load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()
