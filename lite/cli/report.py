@@ -49,6 +49,7 @@ def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
                        "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
                        **_machine_and_plan(stats)})
 
 
@@ -59,6 +60,7 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
                        **_machine_and_plan(stats)})
 
 
