@@ -247,6 +247,10 @@ def preset_lines(rows: list[dict[str, Any]]) -> list[str]:
         peaks = [f"{v / GiB:.2f} GiB" if v is not None else "n/a" for v in row["planned_peak_bytes"].values()]
         lines.append(f"{row['name']:<10} {PRESETS[row['name']].audience:<13} {_sampler_text(row):<35} "
                      f"{peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>10} {row['planned_for']}")
+    moved = [row for row in rows if row["planned_for"] != PRESETS[row["name"]].devices[0]]
+    for row in moved:  # the README plans every preset for its own device
+        lines.append(f"note: {row['name']} is planned for {row['planned_for']} here; the README's row is for "
+                     f"{PRESETS[row['name']].devices[0]} (presets --device cuda)")
     return lines
 
 
