@@ -27,6 +27,7 @@ from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
 from lite.model.config import PreprocessorConfig
 from lite.model.preflight import check_checkpoint_files
+from lite.runtime.host_pages import PhasePageRelease
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -123,6 +124,8 @@ class OvisPipeline:
         if dev.type == "cpu":
             from quant.row_gemv import use_row_gemv
 
+            if budget is None:  # each phase's unused checkpoint pages leave the RSS (lite.runtime.host_pages)
+                pipe.phase_listeners.append(PhasePageRelease(model))
             if dtype in (None, "auto"):
                 pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
             if budget is None and pipe._fp32_compute is None:
