@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lite.cli.report import notice, say
+from lite.cli.report import load_report_cpu, notice, say
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RunConfig:
 def configure_threads(threads: int | None) -> None:
     """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
     try:
-        from lite.runtime.hardware import configure_threads as configure
+        from lite.runtime.cpu.threads import configure_threads as configure
     except ImportError:
         if threads is not None:
             import torch
@@ -115,11 +115,8 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         where = f"{run.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
-    if pipe.compute_reason is not None:
-        from lite.runtime.hardware import detect, wait_policy_note
-
-        wait = wait_policy_note()
-        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()}{'; ' + wait if wait else ''})")
+    for line in load_report_cpu(pipe):  # the CPU plan (h1: surgical)
+        say(args, line)
     return pipe
 
 

@@ -14,22 +14,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from offload.accounting import module_nbytes
 
-from lite.model.config import load_config
-from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import release_file_pages, rss_anon_bytes, tensor_span, trim_host_heap
 from lite.model.architecture import OVIS_U1
+from lite.model.config import load_config
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.progress import progress_bar
-
-if TYPE_CHECKING:  # the model code (transformers, diffusers) is imported when a model is built
-    from lite.model.modeling_ovis_u1 import OvisU1
 
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 #: The manifest `lite.model.prequantized_save` writes last: its presence makes a folder pre-quantized.
@@ -43,7 +41,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
     """An existing local snapshot of `repo_id` in the HF cache; never downloads."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy (httpx and more): only when no folder is given
 
         path = Path(snapshot_download(repo_id=repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not in the cache"
@@ -188,7 +186,7 @@ class ShardSource:
         return iter_checkpoint_tensors(self.entries)
 
 
-PlacerFactory = Callable[["OvisU1"], Placer]
+PlacerFactory = Callable[[OvisU1], Placer]
 
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
@@ -200,8 +198,6 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
     shard pages each tensor's read touched are dropped every `RELEASE_EVERY_BYTES` (`release_file_pages`):
     a converted tensor's never come back, a kept one's come back from the file when a phase uses them.
     """
-    from lite.model.modeling_ovis_u1 import OvisU1
-
     config = load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()

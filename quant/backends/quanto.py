@@ -106,6 +106,7 @@ def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: tor
           compute_dtype: torch.dtype) -> nn.Module:
     """Quantize one weight into a frozen quanto QLinear on `device`, base dtype = compute_dtype."""
     q = _load()
+    # optimum.quanto pulls in torch._dynamo (seconds): imported on first use, never by `import quant`.
     from optimum.quanto.tensor import AbsmaxOptimizer, MaxOptimizer, quantize_weight
 
     group_size = spec.group_size
@@ -207,6 +208,7 @@ def restore(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], device: 
         raise QuantFormatError(f"quanto {entry['format']} payload cannot load on {device} ({why}); "
                                "install optimum-quanto or re-export with format int8")
     q = _load()
+    # optimum.quanto pulls in torch._dynamo (seconds): imported on first use, never by `import quant`.
     from optimum.quanto.tensor import WeightQBitsTensor, WeightQBytesTensor
     from optimum.quanto.tensor.grouped import grouped_shape
 
