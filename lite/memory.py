@@ -102,34 +102,44 @@ class HostMemory:
         return self.rss - self.anon
 
 
-def host_memory(pid: int | str = "self") -> HostMemory | None:
-    """This (or another) process's resident memory from `/proc/PID/smaps_rollup`; None where there is none."""
+def host_memory(pid: int | str = "self", exact: bool = True) -> HostMemory | None:
+    """A process's resident memory; None where /proc has none.
+
+    `exact`: from `/proc/PID/smaps_rollup` (walks the page tables: milliseconds for a mapped checkpoint);
+    else from the kernel's running counters in `/proc/PID/status` (RssAnon, RssFile + RssShmem: cheap enough
+    to sample all along a run, and within a few pages per thread of the exact count).
+    """
     fields: dict[str, int] = {}
+    name = "smaps_rollup" if exact else "status"
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("Rss", "Anonymous"):
+            if key in ("Rss", "Anonymous", "RssAnon", "RssFile", "RssShmem"):
                 fields[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         return None
-    return HostMemory(fields.get("Rss", 0), fields.get("Anonymous", 0)) if "Rss" in fields else None
+    if exact:
+        return HostMemory(fields["Rss"], fields.get("Anonymous", 0)) if "Rss" in fields else None
+    if "RssAnon" not in fields:
+        return None
+    return HostMemory(fields["RssAnon"] + fields.get("RssFile", 0) + fields.get("RssShmem", 0), fields["RssAnon"])
 
 
 class HostPeakSampler:
     """Peaks of RSS, anonymous and mapped memory of a process, sampled every `interval` s in a thread.
 
-    The three peaks are each the largest sample of their own quantity (they need not be simultaneous);
-    for this process the RSS peak also takes the kernel's exact high-water mark (VmHWM) into account.
+    The three peaks are each the largest sample of their own quantity (they need not be simultaneous).
+    Use it as a context manager, or `start()` ... `stop()`.
     """
 
-    def __init__(self, pid: int | str = "self", interval: float = 0.01) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int | str = "self", interval: float = 0.01, exact: bool = True) -> None:
+        self.pid, self.interval, self.exact = pid, interval, exact
         self.peak_rss = self.peak_anon = self.peak_mapped = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        now = host_memory(self.pid)
+        now = host_memory(self.pid, self.exact)
         if now is not None:
             self.peak_rss, self.peak_anon = max(self.peak_rss, now.rss), max(self.peak_anon, now.anon)
             self.peak_mapped = max(self.peak_mapped, now.mapped)
@@ -138,15 +148,23 @@ class HostPeakSampler:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> HostPeakSampler:
+    def start(self) -> HostPeakSampler:
         self.sample()
         self._thread.start()
         return self
 
+    def stop(self) -> HostPeakSampler:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.sample()
+        return self
+
+    def __enter__(self) -> HostPeakSampler:
+        return self.start()
+
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        self.stop()
 
 
 def _private_file_mappings() -> list[tuple[int, int]]:
