@@ -5,8 +5,9 @@ the full-size checkpoint (`scripts/write_fullsize.py`) at `--size`, while this p
 `/proc/PID/smaps_rollup` every 10 ms (peak anonymous, peak mapped = file-backed, peak RSS; the RSS peak is
 also the kernel's exact one from `wait4`). Each is printed beside the CPU host plan of the same task
 (`lite.model.host_plan`). The peak does not depend on the step count (every step runs the same passes over
-the same tensors), so `--steps 1` exercises it: the conditions, one denoising step with all its CFG passes,
-and the full-size VAE decode (and encode, for edits). Slow at 1024x1024 on 2 cores and several GB: run it
+the same tensors, and the guided passes of a step run one after another), so one step with its guided passes
+off (`--steps 1 --cfg-interval 0 0`, NFE 1) exercises it: every condition built and held, one Yak pass over
+all the image tokens, and the full-size VAE decode (and encode, for edits). Slow at 1024x1024 on 2 cores and several GB: run it
 under the heavy lock, one task per call if need be.
 
 `--runtime`: the RSS of the interpreter with the runtime imported, no weight (the plan's RUNTIME_* bytes).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +48,9 @@ def task_command(task: str, model: str, preset: str, size: int, steps: int, work
     common = ["--model", model, "--preset", preset, "--device", "cpu", "--quiet", "--json"]
     if task == "understand":
         return ["ask", str(image), "Describe the image.", "--max-new-tokens", "8", *common]
-    out = ["-o", str(work / f"{task}.png"), "--overwrite", "--steps", str(steps)]
+    # One step, its guided passes off (`--cfg-interval 0 0`: the conditional pass alone): every condition is
+    # still built and held, and a pass over all the image tokens still runs, one pass at a time.
+    out = ["-o", str(work / f"{task}.png"), "--overwrite", "--steps", str(steps), "--cfg-interval", "0", "0"]
     if task == "t2i":
         return ["generate", "a red fox in the snow", "--width", str(size), "--height", str(size), *out, *common]
     return ["edit", str(image), "add a hat", *out, *common]
@@ -58,8 +62,12 @@ def measure_task(task: str, args: argparse.Namespace, work: Path) -> dict:
     start = time.perf_counter()
     with open(work / f"{task}.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        with HostPeakSampler(proc.pid, interval=0.01) as peak:
-            _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            with HostPeakSampler(proc.pid, interval=0.01) as peak:
+                _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if proc.returncode is None and proc.poll() is None:  # stopped (e.g. by `timeout`): no orphan run
+                proc.kill()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{task} failed ({proc.returncode}): {(work / f'{task}.log').read_text()[-2000:]}")
@@ -106,6 +114,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends the child run too (finally)
     if args.runtime or args.tasks:
         rows = [runtime_rss()] if args.runtime else []
         with tempfile.TemporaryDirectory() as work:

@@ -73,11 +73,10 @@ class HostPlan:
                 f"{p.mapped / GiB:.2f})")
 
 
-def _slot_bytes(model: nn.Module, policy: QuantPolicy,
-                stored: Callable[[str], torch.dtype]) -> dict[tuple[int, str], tuple[int, int]]:
+def _slot_bytes(model: nn.Module, policy: QuantPolicy, stored: Callable[[str], torch.dtype],
+                sizes: dict[str, int]) -> dict[tuple[int, str], tuple[int, int]]:
     """(id(module), tensor name) -> (anonymous, mapped) bytes of that tensor once loaded under `policy`."""
     quantized = plan_model(model, policy)
-    sizes = module_bytes(model, policy)
     out: dict[tuple[int, str], tuple[int, int]] = {}
     for mname, module in model.named_modules():
         if mname in quantized:  # the whole quantized layout is new memory; owned by its weight slot
@@ -95,12 +94,14 @@ def _slot_bytes(model: nn.Module, policy: QuantPolicy,
 
 
 def host_plan(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig, wl: Workload, policy: QuantPolicy,
-              stored: Callable[[str], torch.dtype] = lambda _name: torch.bfloat16) -> HostPlan:
+              stored: Callable[[str], torch.dtype] = lambda _name: torch.bfloat16,
+              sizes: dict[str, int] | None = None) -> HostPlan:
     """The host memory of one CPU workload, per phase (`model` may be a meta model or the skeleton).
 
-    `stored` gives each tensor's dtype in the checkpoint (default bf16, the config's `torch_dtype`).
+    `stored` gives each tensor's dtype in the checkpoint (default bf16, the config's `torch_dtype`); `sizes`,
+    the bytes each module owns under `policy` (`lite.model.sizes.module_bytes`) when the caller has them.
     """
-    per_slot = _slot_bytes(model, policy, stored)
+    per_slot = _slot_bytes(model, policy, stored, sizes if sizes is not None else module_bytes(model, policy))
     units = ovis_units(model, wl)
     seen: set[int] = set()  # tensors, so a tied weight counts once
     anon_total, mapped_by_unit = 0, []

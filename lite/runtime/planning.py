@@ -109,7 +109,8 @@ def host_plan_of(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, t
     """What a CPU run of `preset` holds in host memory, anonymous and mapped, per phase (lite.model.host_plan)."""
     model = _meta_model(config)
     wl = preset_workload(preset, task, width, height, "cpu")
-    return host_plan(model, config, pp, wl, preset.precision.policy("cpu"))
+    return host_plan(model, config, pp, wl, preset.precision.policy("cpu"),
+                     sizes=module_bytes_for(preset, model, "cpu"))
 
 
 def planned_peak(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
