@@ -116,6 +116,18 @@ def check_text(name: str, text: object) -> str:
         raise ArgumentTypeError(f"{name} must be a string, got {shown(text)} ({_type_name(text)})")
     if not text.strip():
         raise InputError(f"{name} is empty; give a non-empty {name}")
+    check_encodable(name, text)
+    return text
+
+
+def check_encodable(name: str, text: str) -> str:
+    """Text that is valid Unicode: a lone surrogate (half a UTF-16 pair, e.g. from JSON "\\ud800" or an
+    undecodable command-line byte) cannot be tokenized, written to metadata or sent back as JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{name} holds an invalid character (a lone surrogate, {shown(text[exc.start])}, at "
+                         f"position {exc.start}); send valid UTF-8 text") from None
     return text
 
 
