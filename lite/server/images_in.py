@@ -26,6 +26,9 @@ def open_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
+    except Image.DecompressionBombError as exc:  # PIL's own ceiling, far above ours: the header is absurd
+        raise ApiError(f"image is too large ({str(exc).split(',')[0]}); at most {max_pixels} pixels are accepted "
+                       f"(the server's --max-image-pixels); downscale it first", param) from None
     except UNREADABLE as exc:
         raise ApiError(f"cannot read the image: not a valid image file ({type(exc).__name__})", param) from None
     if w * h > max_pixels:
