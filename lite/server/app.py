@@ -14,7 +14,6 @@ from importlib import resources
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -89,7 +88,7 @@ async def metrics(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     server = srv(request)
-    req = await run_in_threadpool(parse_chat, await json_body(request), server.limits)  # images decode off the loop
+    req = await server.off_loop(parse_chat, await json_body(request), server.limits)  # images decode off the loop
     job = Job("chat", chat_job(server.pipe, req, stream=req.stream),
               info={"max_tokens": req.max_tokens, "images": len(req.images), "turns": len(req.history) + 1})
     cid, created, name = "chatcmpl-" + job.id[4:], int(time.time()), server.settings.model_name
@@ -176,7 +175,7 @@ async def image_edits(request: Request) -> Response:
     server = srv(request)
     fields, data = await edit_form(request, server.limits.max_body_bytes)
     parse_image_request(fields, server.limits, "edit")  # the fields are checked before the image is decoded
-    image = await run_in_threadpool(decode_image_bytes, data, server.limits.max_image_pixels, "image")
+    image = await server.off_loop(decode_image_bytes, data, server.limits.max_image_pixels, "image")
     req = parse_image_request(fields, server.limits, "edit", image)
     job = submit(server, Job("edit", image_job(server.pipe, req), info=job_info(req)))
     return _image_response(job, await wait_for(request, server, job))

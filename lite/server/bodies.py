@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect, Request
 
@@ -80,7 +79,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 async def json_body(request: Request) -> dict[str, Any]:
     """The body of a JSON route, parsed off the event loop (a large body must not stall /health)."""
     require_json(request)
-    return await run_in_threadpool(parse_json_object, await request.body())
+    return await request.app.state.server.off_loop(parse_json_object, await request.body())
 
 
 async def edit_form(request: Request, max_part_bytes: int) -> tuple[dict[str, str], bytes]:

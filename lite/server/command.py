@@ -174,6 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         server_state.queue.close()
+        server_state.parsers.shutdown(wait=False, cancel_futures=True)
         server_state.queue.join(5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

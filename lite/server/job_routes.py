@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -38,7 +37,7 @@ async def create_job(request: Request) -> Response:
         if body.get("image") is None:
             raise ApiError("an edit job needs 'image' as a data URI", "image")
         data = url_bytes(body["image"], "image")
-        image = await run_in_threadpool(decode_image_bytes, data, server.limits.max_image_pixels, "image")
+        image = await server.off_loop(decode_image_bytes, data, server.limits.max_image_pixels, "image")
     preview = body.get("preview", True)
     if not isinstance(preview, bool):
         raise ApiError("preview must be true or false", "preview")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lite.errors import InputError
 from lite.model.processing import Turn
-from lite.validation import check_encodable, shown
+from lite.validation import MIN_TEMPERATURE, check_encodable, shown
 from lite.server.errors import ApiError
 from lite.server.images_in import load_images, open_image, url_bytes
 
@@ -225,7 +225,7 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     refs = [ref for _, earlier, _ in turns[:-1] for ref in earlier] + current_refs
     opened = [open_image(url_bytes(url, param), limits.max_image_pixels, param) for url, param in refs]
     images = load_images(opened)
-    do_sample = temperature is not None and temperature > 0
+    do_sample = temperature is not None and temperature >= MIN_TEMPERATURE  # below it: greedy (it would overflow)
     if temperature is None and top_p is not None and top_p < 1:
         do_sample, temperature = True, 1.0
     model = body.get("model") if isinstance(body.get("model"), str) else ""

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -17,6 +18,8 @@ from lite.server.metrics import Metrics
 from lite.server.openai_schema import Limits
 from lite.server.trust import Trust
 
+T = TypeVar("T")
+PARSE_THREADS = 2
 MODEL_ID = "Ovis-U1-3B"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -41,6 +44,13 @@ class Server:
         self.metrics = Metrics()
         self.queue = JobQueue(settings.limits.max_queue, on_finish=self._finished)
         self.started = time.time()
+        # Parsing and image decoding run here, off the event loop, two at a time: a burst of large
+        # requests waits its turn instead of decoding (and holding) all their images at once.
+        self.parsers = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="ovis-lite-parse")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a parser thread; the event loop goes on serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.parsers, fn, *args)
 
     def _finished(self, job: Job) -> None:
         stats = getattr(self.pipe, "last_run", None) if job.state == "done" else None

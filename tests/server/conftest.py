@@ -24,7 +24,7 @@ EXTRA_ORIGIN = "http://localhost:3000"
 @pytest.fixture(scope="session")
 def guarded_server(tiny_dir: Path) -> ServerProcess:
     return shared_server("--model", str(tiny_dir), "--device", "cpu", "--max-queue", "8", "--max-body-mb", "4",
-                         "--max-steps", "1000", "--allowed-host", EXTRA_HOST, "--cors-origin", EXTRA_ORIGIN)
+                         "--max-steps", "1000", "--threads", "1", "--allowed-host", EXTRA_HOST, "--cors-origin", EXTRA_ORIGIN)
 
 
 @pytest.fixture(scope="session")
