@@ -28,13 +28,29 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
               f"{format_bytes(stats.peak_rss_bytes)}{dev}{nfe}{extra}{dest}")
 
 
+def load_report_cpu(pipe: Any) -> list[str]:
+    """The CPU plan block of the load report (llama.cpp style: one choice a line, with its reason); [] off CPU."""
+    plan = getattr(pipe, "cpu_plan", None)
+    if plan is None:
+        return []
+    hooks = getattr(pipe, "cpu_hooks", None)
+    return [f"ovis-lite: {line}" for line in plan.describe(hooks.packed_layers if hooks is not None else None)]
+
+
+def _machine_and_plan(stats: Any) -> dict[str, Any]:
+    """`machine` and `cpu_plan` (an object of its own, null off CPU) for the --json results."""
+    machine = dict(stats.machine or {})
+    return {"machine": machine, "cpu_plan": machine.pop("cpu_plan", None)}
+
+
 def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     """One line of `generate/edit --json`."""
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
                        "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
-                       "machine": stats.machine})
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
+                       **_machine_and_plan(stats)})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -44,7 +60,8 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
-                       "machine": stats.machine})
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
+                       **_machine_and_plan(stats)})
 
 
 def count_tokens(pipe: Any, answer: str) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lite.cli.report import notice, say
+from lite.cli.report import load_report_cpu, notice, say
 
 
 @dataclass
@@ -36,7 +36,7 @@ class RunConfig:
 def configure_threads(threads: int | None) -> None:
     """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
     try:
-        from lite.runtime.hardware import configure_threads as configure
+        from lite.runtime.cpu.threads import configure_threads as configure
     except ImportError:
         if threads is not None:
             import torch
@@ -54,7 +54,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
     """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
     from lite.model.checkpoint import find_checkpoint
-    from lite.model.config import load_config, load_preprocessor_config
+    from lite.model.preflight import check_checkpoint_files
     from lite.runtime import planning
     from lite.runtime.devices import resolve_device, resolve_dtype
     from lite.runtime.machine import detect_machine
@@ -64,7 +64,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     device, fallback = resolve_device(args.device)
     notices = [fallback] if fallback else []
     directory = find_checkpoint(args.model)
-    config, pp = load_config(directory), load_preprocessor_config(directory)
+    config, pp = check_checkpoint_files(directory)  # every file check before any weight is read
     config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:
@@ -115,11 +115,8 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         where = f"{run.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
-    if pipe.compute_reason is not None:
-        from lite.runtime.hardware import detect, wait_policy_note
-
-        wait = wait_policy_note()
-        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()}{'; ' + wait if wait else ''})")
+    for line in load_report_cpu(pipe):  # the CPU plan (h1: surgical)
+        say(args, line)
     return pipe
 
 

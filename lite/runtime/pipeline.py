@@ -25,24 +25,32 @@ from lite.errors import InputError
 from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
-from lite.model.config import PreprocessorConfig, load_preprocessor_config
+from lite.model.config import PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.modeling_yak import RefinedText
-from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_size,
+from lite.model.processing import (T2I_PREFIX, Turn, edit_output_size,
                                    generation_prompt, generation_vision_input, preprocess_image, stretch, t2i_size,
                                    tokenize_with_images, truncate_left, unconditional, understanding_prompt,
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.caches import RuntimeCaches
+from lite.runtime.condition_cache import refined_condition
+from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
+from lite.runtime.cpu.plan import CpuPlan
+from lite.runtime.cpu.probes import this_machine_plan
+from lite.runtime.decode import Sampling
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
-from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
-from lite.runtime.loading import choose_cpu_compute, load_weights, pack_cpu_linears
+from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
+from lite.runtime.understanding import answer
+from lite.runtime.vision import visual_embeddings
 from lite.sampling import Guidance, guided_nfe
 from lite.validation import (MAX_SIDE, MIN_SIDE, check_cfg, check_max_new_tokens, check_positive_int, check_probability,
                              check_seed, check_temperature, check_text)
@@ -67,6 +75,7 @@ class RunStats:
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # understanding: prefix tokens reused; every task: caches' stats
 
 
 class OvisPipeline:
@@ -87,7 +96,9 @@ class OvisPipeline:
         self.preset: Preset | None = None
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
-        self._fp32_compute: Any = None
+        self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
+        self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
+        self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -107,23 +118,20 @@ class OvisPipeline:
         directory = find_checkpoint(path)
         dev, _ = resolve_device(device, strict=True)
         preset = get_preset(preset) if preset is not None else None
+        _, pp = check_checkpoint_files(directory)  # every file check, then the tokenizer, before any weight
+        tokenizer = load_tokenizer(directory)
         model, report, budget = load_weights(directory, dev, dtype, vae_dtype, preset, budget_bytes, progress)
-        pipe = cls(model, load_tokenizer(directory), load_preprocessor_config(directory, model.config.vision), dev,
-                   progress, report)
+        pipe = cls(model, tokenizer, pp, dev, progress, report)
         pipe.model_id = model_id_of(directory)
         if preset is not None:
             pipe.preset = preset
             pipe.set_vae_tiling(preset.vae_tile)
         if budget is not None:
             pipe.enable_offload(budget)
-        if dev.type == "cpu":
-            from quant.row_gemv import use_row_gemv
-
-            if dtype in (None, "auto"):
-                pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
-            if budget is None and pipe._fp32_compute is None:
-                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
-            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
+        if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            pipe.cpu_plan, auto = this_machine_plan(), dtype in (None, "auto")
+            pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
+            pipe.compute_dtype, pipe.compute_reason = pipe.cpu_hooks.compute_dtype, pipe.cpu_plan.compute.reason if auto else None
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
@@ -182,12 +190,10 @@ class OvisPipeline:
         """Prompt text + images -> [1, L, H] LLM input embeddings, truncated from the left."""
         ids = tokenize_with_images(self.tokenizer, text).to(self.device)
         visual: list[torch.Tensor] = []
-        if images:
+        if images:  # through the vision cache: an edit's source image is encoded once for its two conditions
             prep = generation_vision_input if generation else preprocess_image
-            vis = concat_vision([prep(img, self.pp) for img in images])
-            vit_dtype = self.model.visual_tokenizer.backbone.preprocessor.patchifier.proj.weight.dtype
-            visual = self.model.visual_embeddings(vis.pixel_values.to(self.device, vit_dtype),
-                                                  vis.grid_thws.to(self.device))
+            visual, _ = visual_embeddings(self.model, [prep(img, self.pp) for img in images], self.device,
+                                          self.caches.vision)
         embeds = self.model.merge_multimodal(ids, visual)
         return truncate_left(embeds, self.model.config.multimodal_max_length)
 
@@ -205,8 +211,8 @@ class OvisPipeline:
         t0 = time.perf_counter()
         out: dict[str, Condition] = {}
         with self._bar(len(specs), "conditions") as bar:
-            for name, content, img in specs:
-                out[name] = self.condition(content, img)
+            for name, content, img in specs:  # cached by (content, image): a repeat skips ViT, LLM and refiner
+                out[name] = Condition(refined_condition(self.caches.conditions, content, img, self.condition))
                 bar.update(1)
         stats.phases["conditions"] = time.perf_counter() - t0
         return out
@@ -239,38 +245,17 @@ class OvisPipeline:
         wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
         stats = RunStats(task="understand", settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample})
         prompt = understanding_prompt(question, len(imgs) - earlier, history)
+        sampling = Sampling(do_sample, temperature, top_p, seed)
 
-        def generate_kwargs() -> dict[str, Any]:
+        def pieces() -> Iterator[str]:
             self._phase("conditions")
-            with torch.no_grad():
-                embeds = self._llm_inputs(prompt, imgs, generation=False)
-            kwargs: dict[str, Any] = dict(
-                inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-                eos_token_id=self.model.config.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-                torch.manual_seed(seed)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            return kwargs
+            yield from answer(self, prompt, imgs, sampling, max_new_tokens, stats, start)
+            self._finish(stats, start)
 
         if stream:  # tokens already shown cannot be taken back, so a stream is not retried
             self.offload.prepare(wl)
-            return self._stream(generate_kwargs(), stats, start)
-
-        def run() -> str:
-            out = generate_on(self.model.llm, generate_kwargs(), [], self.device)
-            stats.tokens = int(out.shape[-1])
-            return self.tokenizer.decode(out[0], skip_special_tokens=True)
-
-        answer = self.offload.run(wl, run)
-        self._finish(stats, start)
-        return answer
-
-    def _stream(self, kwargs: dict[str, Any], stats: RunStats, start: float) -> Iterator[str]:
-        yield from stream_tokens(self.model.llm, self.tokenizer, kwargs, stats)
-        self._finish(stats, start)
+            return pieces()
+        return self.offload.run(wl, lambda: "".join(pieces()))
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -427,11 +412,13 @@ class OvisPipeline:
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
 
-            stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
+            plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
+            stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats
         return stats
 

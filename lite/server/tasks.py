@@ -31,7 +31,8 @@ def run_stats(stats: Any) -> dict[str, Any]:
         return {}
     return {"task": stats.task, "seconds": round(stats.seconds, 4), "nfe": stats.nfe, "steps": stats.steps,
             "width": stats.width, "height": stats.height, "peak_device_bytes": stats.peak_device_bytes,
-            "peak_rss_bytes": stats.peak_rss_bytes, "phases": {k: round(v, 4) for k, v in stats.phases.items()}}
+            "peak_rss_bytes": stats.peak_rss_bytes, "phases": {k: round(v, 4) for k, v in stats.phases.items()},
+            "cache": getattr(stats, "cache", None) or {}}  # understanding: prefix tokens reused, the caches' counts
 
 
 def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
