@@ -175,7 +175,7 @@ class Turn:
     num_images: int = 0
 
 
-class Prompt(str):
+class PromptText(str):
     """A prompt's text (as the reference renders it) that also knows where its image slots are.
 
     `pieces` alternates text and `None` (one image slot each). Only the builders below place slots;
@@ -185,7 +185,7 @@ class Prompt(str):
 
     pieces: tuple[str | None, ...]
 
-    def __new__(cls, pieces: list[str | None]) -> "Prompt":
+    def __new__(cls, pieces: list[str | None]) -> "PromptText":
         merged: list[str | None] = []
         for piece in pieces:
             if isinstance(piece, str) and merged and isinstance(merged[-1], str):
@@ -217,7 +217,7 @@ def user_turn(content: list[str | None]) -> list[str | None]:
     return ["<|im_start|>user\n", *content, "<|im_end|>\n"]
 
 
-def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> Prompt:
+def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> PromptText:
     """Previous turns, then the question, then an assistant turn with an empty think block.
 
     As the reference's Qwen3 formatter writes them, earlier answers carry the empty think block too
@@ -227,7 +227,7 @@ def understanding_prompt(question: str, num_images: int, history: list[Turn] | N
     for turn in history or []:
         pieces += user_turn(image_content(turn.question, turn.num_images))
         pieces += [f"<|im_start|>assistant\n{THINK_EMPTY}{turn.answer}<|im_end|>\n"]
-    return Prompt(pieces + user_turn(image_content(question, num_images)) + ["<|im_start|>assistant\n" + THINK_EMPTY])
+    return PromptText(pieces + user_turn(image_content(question, num_images)) + ["<|im_start|>assistant\n" + THINK_EMPTY])
 
 
 def unconditional(negative_prompt: str) -> str:
@@ -238,17 +238,17 @@ def unconditional(negative_prompt: str) -> str:
     return negative_prompt.strip() or UNCONDITIONAL_PROMPT
 
 
-def generation_prompt(content: str) -> Prompt:
+def generation_prompt(content: str) -> PromptText:
     """A generation condition: the user turn only, one image, no assistant prefix."""
-    return Prompt(user_turn([None, "\n" + content]))
+    return PromptText(user_turn([None, "\n" + content]))
 
 
-def tokenize_with_images(tokenizer, prompt: Prompt) -> torch.Tensor:
+def tokenize_with_images(tokenizer, prompt: PromptText) -> torch.Tensor:
     """Text pieces tokenised separately, joined by the [-301, -300, -302] placeholder at each image slot.
 
-    Only a `Prompt` has image slots: a plain string is all text, whatever it contains.
+    Only a `PromptText` has image slots: a plain string is all text, whatever it contains.
     """
-    pieces = prompt.pieces if isinstance(prompt, Prompt) else (prompt,)
+    pieces = prompt.pieces if isinstance(prompt, PromptText) else (prompt,)
     ids: list[int] = []
     for piece in pieces:
         if piece is None:
