@@ -102,7 +102,7 @@ def test_page_health_models_metrics(client: httpx.Client) -> None:
 
 
 def test_generation_matches_python_api_and_carries_cli_metadata(client: httpx.Client, pipe, tmp_path: Path) -> None:
-    from lite.runtime.outputs import read_metadata
+    from lite.runtime.metadata import read_metadata
 
     r = client.post("/v1/images/generations", json={"prompt": "a red fox", "size": "64x64", "n": 2, "steps": 2,
                                                     "seed": 7, "negative_prompt": "blurry", "txt_cfg": 4.0,

@@ -98,6 +98,15 @@ def plan_preset(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, ta
     return plan_workload(model, config, pp, wl, budget, 1, module_bytes_for(preset, model, device_type))[1]
 
 
+#: How a phase is named where the task gives it another meaning (understanding's one phase is the answer).
+PHASE_LABELS = {("understand", "conditions"): "answer"}
+
+
+def task_phases(phase_peaks: dict[str, int], task: str) -> list[str]:
+    """The phases a task runs: understanding builds no latent, so it has no denoise or decode."""
+    return ["conditions"] if task == "understand" else list(phase_peaks)
+
+
 def resident_peak(p: Plan) -> int:
     """For an all-resident plan: every weight of the task on the device, plus the worst activation."""
     return p.resident_weight_bytes + max(p.activation_bytes.values(), default=0)
@@ -226,6 +235,19 @@ def _sampler_text(row: dict[str, Any]) -> str:
     if row["cfg_interval"]:
         text += f", CFG for t ≥ {row['cfg_interval'][0]:g}"
     return f"{text} ({row['nfe']['t2i']} / {row['nfe']['edit']})"
+
+
+def preset_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """`ovis-lite presets` as plain text, the README's columns in lines of at most 100 characters; the last
+    column says which device each row was planned for (the README plans every preset for its own device)."""
+    head = f"{'preset':<10} {'for':<13} {'sampler (NFE t2i / edit)':<35} {'understand':>10} {'t2i 1024²':>10} " \
+           f"{'edit 1024²':>10} on"
+    lines = [head]
+    for row in rows:
+        peaks = [f"{v / GiB:.2f} GiB" if v is not None else "n/a" for v in row["planned_peak_bytes"].values()]
+        lines.append(f"{row['name']:<10} {PRESETS[row['name']].audience:<13} {_sampler_text(row):<35} "
+                     f"{peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>10} {row['planned_for']}")
+    return lines
 
 
 def preset_markdown(config: OvisU1Config, pp: PreprocessorConfig) -> str:

@@ -166,7 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"ovis-lite: serving {settings.model_name} ({getattr(pipe.preset, 'name', 'no preset')}) on "
+    print(f"ovis-lite: serving {pipe.model_id} ({getattr(pipe.preset, 'name', 'no preset')}) on "
           f"http://{shown}:{port}/", flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

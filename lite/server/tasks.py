@@ -12,7 +12,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from lite.errors import Cancelled
-from lite.runtime import outputs
+from lite.runtime import metadata, outputs
 from lite.server.jobs import Job
 from lite.server.openai_schema import ChatRequest, ImageRequest
 
@@ -39,7 +39,7 @@ def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
     """generate or edit N images; the step callback reports progress (and previews) and honours cancel."""
 
     def run(job: Job) -> dict[str, Any]:
-        state = {"image": 0, "last": 0}
+        state = {"image": 1, "last": 0}  # "image" counts from 1, as "step" does (the page's bar relies on it)
 
         def callback(step: int, total: int, latent: Any) -> bool | None:
             if job.cancelled:
@@ -73,7 +73,7 @@ def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
         data = []
         for i, image in enumerate(images):
             seed = req.seed + i
-            meta = outputs.image_metadata(pipe.model_id, stats, req.task, getattr(pipe.preset, "name", None), seed,
+            meta = metadata.image_metadata(pipe.model_id, stats, req.task, getattr(pipe.preset, "name", None), seed,
                                           req.negative_prompt)
             if req.task == "edit":
                 meta["source"] = "upload"

@@ -101,10 +101,10 @@ class CpuPlan:
     def describe(self, packed_layers: int | None = None) -> list[str]:
         """A short block for the load report (llama.cpp style): the CPU, the choices, and why compute and OpenMP
         are what they are here (every reason is in `to_dict`)."""
-        packed = self.packed.value if packed_layers is None else f"{packed_layers}"
-        where = f" ({', '.join(self.packed_components)})" if self.packed_components else ""
+        packed = ("none" if not self.packed_components else
+                  f"{'token-wise' if packed_layers is None else packed_layers} ({', '.join(self.packed_components)})")
         return [f"cpu plan: {self.cpu}",
-                f"  compute {self.compute.value}, packed Linears {packed}{where}, one-row kernel {self.one_row_kernel.value}, "
+                f"  compute {self.compute.value}, packed Linears {packed}, one-row kernel {self.one_row_kernel.value}, "
                 f"int4 layout {self.int4_layout.value}, threads {self.threads.value}, OpenMP wait "
                 f"{self.wait_policy.value}, decode threads {self.decode_threads.value.split(':')[0]}",
                 f"  because: {self.compute.reason}; {self.wait_policy.reason}"]
