@@ -177,6 +177,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = planning.plan_preset(preset, config, pp, args.task, args.width, args.height, device, budget)
     resident = not planning.pages(preset, budget)
     peak = planning.resident_peak(plan) if resident else plan.planned_peak_bytes
+    host = planning.host_plan_of(preset, config, pp, args.task, args.width, args.height) \
+        if device == "cpu" and resident else None  # host memory: anonymous + mapped per phase (h7)
+    if host is not None:
+        peak = host.peak.total
     if resident and budget is not None and peak > budget:
         raise InputError(f"preset {preset.name} keeps every weight on the device: it needs {peak / GiB:.2f} GiB "
                          f"for {_task_size(args)}, more than the {budget / GiB:.2f} GiB budget; "
@@ -191,6 +195,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "resident_units": len(plan.resident_units), "prefetch_depth": plan.prefetch_depth,
         "min_budget_bytes": plan.min_budget_bytes,
         "nfe": preset.nfe(args.task) if args.task != "understand" else 0, "note": "; ".join(notes) or None,
+        "host": {phase: {"anon_bytes": h.anon, "mapped_bytes": h.mapped} for phase, h in host.phases.items()}
+        if host is not None else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -202,6 +208,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     nfe = f"; NFE {result['nfe']}" if result["nfe"] else ""
     print(f"{_task_size(args)} with {preset.name} on {device}: planned peak {peak / GiB:.2f} GiB "
           f"{within}{paging}{nfe}")
+    if host is not None:  # what the run's summary measures: resident = anonymous + mapped checkpoint pages
+        for phase, h in host.phases.items():
+            label = planning.PHASE_LABELS.get((args.task, phase), phase)
+            act = plan.activation_bytes.get(phase, 0) if phase != "load" else 0
+            print(f"  {label:<10} {h.total / GiB:6.2f} GiB host (anonymous {h.anon / GiB:.2f} incl. activations "
+                  f"{act / GiB:.2f}, mapped {h.mapped / GiB:.2f})")
+        return 0
     for phase in phases:
         label = planning.PHASE_LABELS.get((args.task, phase), phase)
         print(f"  {label:<10} {plan.phase_peaks[phase] / GiB:6.2f} GiB "

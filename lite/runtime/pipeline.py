@@ -22,11 +22,12 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from lite.errors import InputError
-from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lite.memory import HostPeakSampler, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
 from lite.model.config import PreprocessorConfig
 from lite.model.preflight import check_checkpoint_files
+from lite.runtime.host_pages import PhasePageRelease
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -70,7 +71,9 @@ class RunStats:
     width: int = 0
     height: int = 0
     peak_device_bytes: int | None = None
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's high-water mark (VmHWM): the load's peak included
+    peak_anon_bytes: int = 0  # during the run: anonymous (heap, converted weights, activations) ...
+    peak_mapped_bytes: int = 0  # ... and file-backed (checkpoint pages a phase reads, libraries)
     tokens: int = 0  # understanding: generated tokens
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
@@ -91,6 +94,7 @@ class OvisPipeline:
         self.load_report = load_report
         self.phase_listeners: list[PhaseListener] = []
         self.last_run: RunStats | None = None
+        self._host_peaks: HostPeakSampler | None = None  # the running call's host memory sampler
         self.model_id = "AIDC-AI/Ovis-U1-3B"
         self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
         self.preset: Preset | None = None
@@ -130,6 +134,8 @@ class OvisPipeline:
         if budget is not None:
             pipe.enable_offload(budget)
         if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            if budget is None:  # each phase's unused checkpoint pages leave the RSS (lite.runtime.host_pages)
+                pipe.phase_listeners.append(PhasePageRelease(model))
             pipe.cpu_plan, auto = this_machine_plan(), dtype in (None, "auto")
             pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
             pipe.compute_dtype, pipe.compute_reason = pipe.cpu_hooks.compute_dtype, pipe.cpu_plan.compute.reason if auto else None
@@ -240,7 +246,7 @@ class OvisPipeline:
             raise InputError(f"the history's turns have {earlier} image(s) but only {len(imgs)} were given; pass "
                              "the whole conversation's images, earlier turns first")
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         w = max((img.size[0] for img in imgs), default=448)
         h = max((img.size[1] for img in imgs), default=448)
         wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
@@ -334,7 +340,7 @@ class OvisPipeline:
         check_positive_int("seed", seed, 0, 2**63 - count)
         width, height = size
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         nfe = self.planned_nfe(task, steps, solver, spacing, guidance.interval, width * height)
 
         def run() -> list[Image.Image]:
@@ -409,10 +415,20 @@ class OvisPipeline:
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
+    def _start_peaks(self) -> None:
+        """Reset the device peak; sample the host's anonymous and mapped peaks until `_finish`."""
+        reset_device_peak(self.device)
+        if self._host_peaks is not None:
+            self._host_peaks.stop()  # a run that raised never reached `_finish`
+        self._host_peaks = HostPeakSampler(interval=0.02, exact=False).start()
+
     def _finish(self, stats: RunStats, start: float) -> RunStats:
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        if self._host_peaks is not None:
+            host, self._host_peaks = self._host_peaks.stop(), None
+            stats.peak_anon_bytes, stats.peak_mapped_bytes = host.peak_anon, host.peak_mapped
         stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":

@@ -18,6 +18,7 @@ from offload.units import Unit
 from lite.errors import InputError
 from lite.memory import format_bytes
 from lite.model.config import OvisU1Config, PreprocessorConfig
+from lite.model.host_plan import HostPlan, host_plan
 from lite.model.memory_profile import Workload, activation_bytes, ovis_units, resize_units
 from lite.runtime.machine import GiB, Machine
 from lite.runtime.presets import PRESETS, Preset
@@ -113,8 +114,20 @@ def resident_peak(p: Plan) -> int:
     return p.resident_weight_bytes + max(p.activation_bytes.values(), default=0)
 
 
+def host_plan_of(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
+                 height: int = 1024) -> HostPlan:
+    """What a CPU run of `preset` holds in host memory, anonymous and mapped, per phase (lite.model.host_plan)."""
+    model = _meta_model(config)
+    wl = preset_workload(preset, task, width, height, "cpu")
+    return host_plan(model, config, pp, wl, preset.precision.policy("cpu"),
+                     sizes=module_bytes_for(preset, model, "cpu"))
+
+
 def planned_peak(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
                  height: int = 1024, device_type: str = "cuda", budget_bytes: int | None = None) -> int:
+    """The planned peak: of the device while paging, else of everything resident; on a CPU, the host plan's."""
+    if device_type == "cpu" and not pages(preset, budget_bytes):
+        return host_plan_of(preset, config, pp, task, width, height).peak.total
     p = plan_preset(preset, config, pp, task, width, height, device_type, budget_bytes)
     return p.planned_peak_bytes if pages(preset, budget_bytes) else resident_peak(p)
 
@@ -248,6 +261,10 @@ def preset_lines(rows: list[dict[str, Any]]) -> list[str]:
         peaks = [f"{v / GiB:.2f} GiB" if v is not None else "n/a" for v in row["planned_peak_bytes"].values()]
         lines.append(f"{row['name']:<10} {PRESETS[row['name']].audience:<13} {_sampler_text(row):<35} "
                      f"{peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>10} {row['planned_for']}")
+    moved = [row for row in rows if row["planned_for"] != PRESETS[row["name"]].devices[0]]
+    for row in moved:  # the README plans every preset for its own device
+        lines.append(f"note: {row['name']} is planned for {row['planned_for']} here; the README's row is for "
+                     f"{PRESETS[row['name']].devices[0]} (presets --device cuda)")
     return lines
 
 

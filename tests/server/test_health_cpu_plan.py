@@ -12,7 +12,7 @@ def test_health_shows_the_cpu_plan(tiny_dir) -> None:
     from lite import OvisPipeline
 
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
-    with testclient.TestClient(create_app(pipe, ServerSettings())) as client:
+    with testclient.TestClient(create_app(pipe, ServerSettings()), base_url="http://127.0.0.1") as client:
         plan = client.get("/health").json()["cpu_plan"]
     assert plan == pipe.cpu_hooks.plan_dict()
     assert plan["compute"]["value"] == ("bf16" if pipe.dtype.is_floating_point and pipe.dtype.itemsize == 2 else "fp32")
