@@ -117,7 +117,8 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
     with warnings.catch_warnings(record=True) as caught:  # the runtime's notices, as one line each
         warnings.simplefilter("always", Notice)
         pipe = OvisPipeline.from_pretrained(run.directory, device=run.device, dtype=run.dtype, preset=run.preset,
-                                            budget_bytes=run.budget_bytes, progress=run.progress)
+                                            budget_bytes=run.budget_bytes, progress=run.progress,
+                                            cache=not getattr(args, "no_cache", False))
     for warning in caught:
         if issubclass(warning.category, Notice):
             notice(args, str(warning.message))
