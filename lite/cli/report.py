@@ -22,19 +22,19 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
 
     dev = f", device peak {format_bytes(stats.peak_device_bytes)}" if stats.peak_device_bytes is not None else ""
     size = f" {stats.width}x{stats.height}" if stats.width else ""
-    nfe = f", NFE {stats.nfe}" if stats.nfe else ""
+    counts = f", {stats.counts()}" if stats.counts() else ""
     dest = f" -> {output}" if output else ""
-    say(args, f"ovis-lite: {stats.task}{size} in {stats.seconds:.1f} s, host peak "
-              f"{format_bytes(stats.peak_rss_bytes)}{dev}{nfe}{extra}{dest}")
+    say(args, f"ovis-lite: {stats.task}{size}{counts} in {stats.seconds:.1f} s, host peak "
+              f"{format_bytes(stats.peak_rss_bytes)}{dev}{extra}{dest}")
 
 
 def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     """One line of `generate/edit --json`."""
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
-                       "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
+                       "seconds": round(stats.seconds, 3), "steps": stats.steps, "nfe": stats.nfe,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
-                       "machine": stats.machine})
+                       "phases": stats.to_dict()["phases"], "machine": stats.machine})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -44,16 +44,15 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
-                       "machine": stats.machine})
+                       "phases": stats.to_dict()["phases"], "machine": stats.machine})
 
 
-def count_tokens(pipe: Any, answer: str) -> int:
-    """Tokens generated: the runtime's count when it keeps one, else the answer re-tokenized."""
-    stats = pipe.last_run
+def count_tokens(stats: Any, tokenizer: Any, answer: str) -> int:
+    """Tokens generated: the runtime's count when it kept one, else the answer re-tokenized."""
     value = getattr(stats, "tokens", None)
     if isinstance(value, int) and value > 0:
         return value
-    return len(pipe.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0
 
 
 def user_error_line(exc: BaseException) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from offload.accounting import module_nbytes
 
-from lite.model.config import load_config
+from lite.model.config import OvisU1Config, load_config
 from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
@@ -171,14 +171,14 @@ PlacerFactory = Callable[["OvisU1"], Placer]
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
                       make_placer: PlacerFactory | None, progress: bool,
-                      report: LoadReport) -> tuple[OvisU1, LoadReport]:
+                      report: LoadReport, config: OvisU1Config | None = None) -> tuple[OvisU1, LoadReport]:
     """The one load loop: meta model, header validation, then one tensor at a time -> placer or cast+place.
 
     Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
     """
     from lite.model.modeling_ovis_u1 import OvisU1
 
-    config = load_config(directory)
+    config = config if config is not None else load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()
     start = time.perf_counter()
@@ -238,28 +238,35 @@ def named_tensors(model: nn.Module, skip: set[str] = frozenset()) -> Iterator[tu
             yield prefix + leaf, t
 
 
+def _resolved(path: str | os.PathLike[str] | None, config: OvisU1Config | None) -> Path:
+    """The checkpoint directory: `path` as given when the caller resolved it already (it passes the config it
+    read there, `lite.runtime.resolve`), else looked up."""
+    return Path(path) if config is not None and path is not None else find_checkpoint(path)
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | DTypeFor = torch.bfloat16,
     placer: Placer | None = None,
     progress: bool = True,
+    config: OvisU1Config | None = None,
 ) -> tuple[OvisU1, LoadReport]:
     """Build on meta, validate from headers, then stream tensors into `dtype` on `device`.
 
     `dtype` is one dtype, or a function of the tensor name (per-component precision). A `placer`
     may take over a tensor (e.g. quantize it as it streams in); it returns True when it did.
     """
-    directory = find_checkpoint(path)
+    directory = _resolved(path, config)
     dtype_for: DTypeFor = dtype if callable(dtype) else (lambda _name, _d=dtype: _d)
     make = (lambda _model: placer) if placer is not None else None
     return stream_into_model(directory, ShardSource(directory), torch.device(device), dtype_for, make, progress,
-                             LoadReport(path=directory))
+                             LoadReport(path=directory), config)
 
 
 def load_quantized_model(path: str | os.PathLike[str] | None, policy: Any = None,
                          device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         progress: bool = True) -> tuple[OvisU1, LoadReport]:
+                         progress: bool = True, config: OvisU1Config | None = None) -> tuple[OvisU1, LoadReport]:
     """Load an Ovis-U1 checkpoint quantized by `policy` (a QuantPolicy or a Precision), streaming.
 
     A directory written by `save_quantized_checkpoint` is restored from its payloads: no
@@ -272,15 +279,16 @@ def load_quantized_model(path: str | os.PathLike[str] | None, policy: Any = None
     from lite.model.prequantized import PrequantizedSource, is_quantized_checkpoint
     from lite.model.quantize import StreamingQuantizer
 
-    directory = find_checkpoint(path)
+    directory = _resolved(path, config)
     device = torch.device(device)
     if is_quantized_checkpoint(directory):
         source = PrequantizedSource(directory, device)
         report = LoadReport(path=directory, policy=source.policy_name, prequantized=True)
-        return stream_into_model(directory, source, device, source.dtype_for, source.make_placer, progress, report)
+        return stream_into_model(directory, source, device, source.dtype_for, source.make_placer, progress, report,
+                                 config)
     policy = as_policy(policy, device.type)
     if dtype is not None:
         policy = policy.with_dtype(dtype)
     report = LoadReport(path=directory, policy=policy.name)
     return stream_into_model(directory, ShardSource(directory), device, policy.dtype_for,
-                             lambda model: StreamingQuantizer(model, policy, device), progress, report)
+                             lambda model: StreamingQuantizer(model, policy, device), progress, report, config)

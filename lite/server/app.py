@@ -59,8 +59,8 @@ class Server:
         self.started = time.time()
 
     def _finished(self, job: Job) -> None:
-        stats = getattr(self.pipe, "last_run", None) if job.state == "done" else None
-        self.metrics.job_finished(job.task, job.state, stats)
+        result = job.future.result() if job.state == "done" else None
+        self.metrics.job_finished(job.task, job.state, result.get("stats") if isinstance(result, dict) else None)
 
     @property
     def preset_name(self) -> str | None:
