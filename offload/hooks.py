@@ -1,7 +1,10 @@
-"""Execution: forward hooks that page units onto the execution device just in time.
+"""Execution: hooks that page units onto the execution device just in time.
 
-Hooks are registered on the units' own modules (pre-hooks prepended, post-hooks with
-`always_call`), so model code is never forked and other hooks compose. Three modes:
+One `PagingHook` per entry module, registered in the module's `HookRegistry` (`offload/registry.py`) as
+`"offload"`, outermost (the weights must be in place before any other hook reads them); its exit half runs
+even when the forward raises. Model code is never forked and other hooks compose. Hooks that change a paged
+module's tensors into a layout paging cannot copy (`ModuleHook.changes_tensors`: oneDNN-packed weights) are
+taken off by name when paging attaches and put back when it is removed. Three modes:
 
 - account  (device "cpu"): nothing moves; the ledger records what would be resident.
 - simulate (device "cpu", simulate=True): offloaded weights become loud placeholders and are
@@ -22,6 +25,7 @@ from torch import nn
 from .accounting import tensors_nbytes
 from .ledger import ResidencyLedger
 from .planner import Plan
+from .registry import PAGING, ModuleHook, add_hook, hook_names, get_hook, remove_hook
 from .tensors import copy_to, device_layout, is_wrapper_subclass, leaves, pinned_copy, placeholder_like, standard_to
 from .units import Slot, Unit
 
@@ -39,7 +43,27 @@ class _UnitState:
     inflight: int = 0
     active: bool = False
     loaded_at: int = 0
-    handles: list[Any] = field(default_factory=list)
+    hooked: list[nn.Module] = field(default_factory=list)
+
+
+#: The name paging's hooks have in each module's registry.
+HOOK_NAME = "offload"
+
+
+class PagingHook(ModuleHook):
+    """Onload a unit before its entry module runs; release it after its exit module returns (or raises)."""
+
+    order = PAGING
+
+    def __init__(self, enter: Any, leave: Any) -> None:
+        self.enter, self.leave = enter, leave
+
+    def forward(self, module: nn.Module, inner: Any, *args: Any, **kwargs: Any) -> Any:
+        self.enter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.leave()
 
 
 class SequentialOffloader:
@@ -80,6 +104,7 @@ class SequentialOffloader:
         self._tick = 0
         self._copy_stream: Any = None
         self._attached = False
+        self._taken_off: list[tuple[nn.Module, str, ModuleHook]] = []
 
     # ----------------------------------------------------------------- lifecycle
     def attach(self) -> "SequentialOffloader":
@@ -88,14 +113,25 @@ class SequentialOffloader:
             raise RuntimeError("offloader is already attached")
         if self.use_stream:
             self._copy_stream = torch.cuda.Stream(self.device)
+        self._take_off_tensor_hooks()
         for unit in self.units:
             self._states[unit.name] = self._prepare(unit)
         for st in self._states.values():
             for module in st.unit.entry_modules:
-                st.handles.append(module.register_forward_pre_hook(self._make_pre(st), prepend=True))
-                st.handles.append(module.register_forward_hook(self._make_post(st, module), always_call=True))
+                add_hook(module, HOOK_NAME, PagingHook(self._make_pre(st), self._make_post(st, module)))
+                st.hooked.append(module)
         self._attached = True
         return self
+
+    def _take_off_tensor_hooks(self) -> None:
+        """Paging copies plain tensors: hooks that changed a paged module's tensors go, by name, until `remove`."""
+        modules = {id(s.module): s.module for unit in self.units for s in unit.slots}
+        for module in modules.values():
+            for name in hook_names(module):
+                hook = get_hook(module, name)
+                if hook is not None and hook.changes_tensors:
+                    remove_hook(module, name)
+                    self._taken_off.append((module, name, hook))
 
     def remove(self) -> None:
         """Remove the hooks and put every tensor back, on its original device."""
@@ -104,8 +140,8 @@ class SequentialOffloader:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         for st in self._states.values():
-            for h in st.handles:
-                h.remove()
+            for module in st.hooked:
+                remove_hook(module, HOOK_NAME)
             if st.device_objs is not None:
                 self.ledger.remove(st.unit.name)
                 st.device_objs = None
@@ -114,6 +150,9 @@ class SequentialOffloader:
                 for slot in slots:
                     slot.set(restored)
         self._states.clear()
+        for module, name, hook in self._taken_off:  # back as they were, now that the plain tensors are
+            add_hook(module, name, hook)
+        self._taken_off.clear()
         self._copy_stream = None
         self._attached = False
 
@@ -193,7 +232,7 @@ class SequentialOffloader:
 
     # ----------------------------------------------------------------- hooks
     def _make_pre(self, st: _UnitState):
-        def pre_hook(module: nn.Module, args: Any) -> None:
+        def pre_hook() -> None:
             start = not st.active
             if start:
                 st.active = True
@@ -209,7 +248,7 @@ class SequentialOffloader:
     def _make_post(self, st: _UnitState, module: nn.Module):
         is_exit = module is st.unit.exit_module
 
-        def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+        def post_hook() -> None:
             st.inflight = max(0, st.inflight - 1)
             if is_exit:
                 st.active = False

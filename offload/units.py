@@ -125,7 +125,8 @@ def _check_disjoint(units: Sequence[Unit]) -> None:
             if t is None:
                 continue
             for leaf in leaves(t):
-                key = id(leaf) if leaf.device.type == "meta" else leaf.data_ptr()
+                # meta and oneDNN-blocked tensors have no storage to compare (the latter are never tied)
+                key = id(leaf) if leaf.device.type == "meta" or leaf.is_mkldnn else leaf.data_ptr()
                 if key in seen_here or leaf.numel() == 0:
                     continue
                 seen_here.add(key)

@@ -8,11 +8,12 @@ and works without either installed.
 from .apply import LayerReport, LayerTotals, QuantReport, quantize
 from .backends import REGISTRY, LayerKind, is_plain_linear, layer_kind, resolve
 from .errors import QuantBackendError, QuantError, QuantFormatError
+from .formats import FORMATS, QUANT_FORMATS, dtype_from_name, dtype_name, effective_group_size
 from .int8 import Int8Embedding, Int8Linear, Int8VisualEmbedding, quantize_rows_int8, quantize_tied_embedding
 from .layout import embedding_layout_nbytes, layout_nbytes
 from .linear import quantize_linear_from_weight
 from .serialize import export_quantized, restore_quantized
-from .spec import FORMATS, QUANT_FORMATS, QuantSpec, dtype_from_name, dtype_name, effective_group_size
+from .spec import QuantSpec
 
 __all__ = [
     "FORMATS", "Int8Embedding", "Int8Linear", "Int8VisualEmbedding", "LayerKind", "LayerReport", "LayerTotals",

@@ -6,11 +6,14 @@ a spec lands on and asks it. The tests check every layout against `module_nbytes
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .backends import REGISTRY, resolve
 from .backends.base import element_size, layout
 from .int8 import SCALE_DTYPE
+from .formats import COMPUTE_DTYPES
 from .spec import QuantSpec
 
 
@@ -24,9 +27,11 @@ def layout_nbytes(shape_out: int, shape_in: int, bias: bool, spec: QuantSpec, dt
     scales, bnb code tables and offset), total.
     """
     target = torch.device(device)
-    resolved = resolve(spec, target)
+    cd = dtype or spec.compute_dtype
+    resolved = resolve(replace(spec, compute_dtype=cd) if cd in COMPUTE_DTYPES else spec, target,
+                       (int(shape_out), int(shape_in)))
     return REGISTRY[resolved.backend].layout_nbytes(int(shape_out), int(shape_in), bias, resolved.format, spec,
-                                                   dtype or spec.compute_dtype, target.type)
+                                                   cd, target.type)
 
 
 def embedding_layout_nbytes(num_embeddings: int, embedding_dim: int) -> dict[str, int]:

@@ -2,16 +2,20 @@
 
 Backend "auto" walks the registry's auto chain (e.g. nf4: bnb -> quanto int4 -> torch int8) and
 takes the first backend that is installed, accepts the device and succeeds; an explicit backend
-never falls back and raises `QuantBackendError` instead.
+never falls back to another backend and raises `QuantBackendError` instead. Either way a weight
+shape the chosen backend refuses (`Backend.accepts`) takes the next smaller format (int4 -> int8).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from .backends import CAST_FORMATS, REGISTRY, chain
+from .backends import REGISTRY, candidates
 from .errors import QuantBackendError
+from .formats import COMPUTE_DTYPES, QUANT_FORMATS
 from .spec import QuantSpec
 
 
@@ -32,14 +36,15 @@ def quantize_linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None,
                          "for pre-quantized checkpoints")
     cd = compute_dtype or spec.compute_dtype
     reasons: list[str] = []
-    for backend, fmt in chain(spec):
-        why = None if fmt in CAST_FORMATS else REGISTRY[backend].unavailable_reason(target)
+    for step, why in candidates(replace(spec, compute_dtype=cd) if cd in COMPUTE_DTYPES else spec, target, tuple(weight.shape)):
+        if why is None and target.type == "meta" and step.format in QUANT_FORMATS:
+            why = "cannot quantize on the meta device"
         if why is None:
             try:
-                return REGISTRY[backend].build(weight, bias, fmt, target, spec, cd)
+                return REGISTRY[step.backend].build(weight, bias, step.format, target, spec, cd)
             except (RuntimeError, NotImplementedError, TypeError) as exc:
                 if spec.backend != "auto":
                     raise
                 why = f"{type(exc).__name__}: {exc}"
-        reasons.append(f"{backend}/{fmt}: {why}")
+        reasons.append(f"{step.backend}/{step.format}: {why}")
     raise QuantBackendError(f"no backend could build format {spec.format!r} on {target}: " + "; ".join(reasons))

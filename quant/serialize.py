@@ -19,7 +19,7 @@ from .backends import REGISTRY, backend_of
 from .backends.base import aligned
 from .errors import QuantFormatError
 from .int8 import Int8Embedding, Int8Linear
-from .spec import FORMATS
+from .formats import FORMATS
 
 VERSION = "1"
 

@@ -1,4 +1,8 @@
-"""`QuantSpec`: what to quantize and how, validated up front so mistakes fail before any weight is touched."""
+"""`QuantSpec`: what to quantize and how, validated up front so mistakes fail before any weight is touched.
+
+The spec is checked against the backend registry (names, and the formats an explicit backend implements), so it
+sits above `quant.backends`; the backends read only `quant.formats` and the `LayerSpec` shape of a spec.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8", "fp8", "bf16", "fp16", "none")
-COMPUTE_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
-
-#: Formats that really quantize (as opposed to casting or leaving weights alone).
-QUANT_FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8", "fp8")
+from .backends import REGISTRY
+from .formats import COMPUTE_DTYPES, FORMATS
 
 
 def backend_names() -> tuple[str, ...]:
-    """"auto" plus every registered backend (the registry imports this module, hence the late import)."""
-    from .backends import REGISTRY
-
+    """"auto" plus every registered backend."""
     return ("auto", *REGISTRY)
-
-
-#: bitsandbytes block size used for nf4/fp4 (bnb's default; absmax is one fp32 per block).
-BNB_BLOCKSIZE = 64
 
 
 @dataclass(frozen=True)
@@ -49,8 +44,6 @@ class QuantSpec:
         if self.backend not in backend_names():
             raise ValueError(f"unknown quant backend {self.backend!r}; valid backends: {', '.join(backend_names())}")
         if self.backend != "auto":
-            from .backends import REGISTRY
-
             implemented = REGISTRY[self.backend].formats
             if self.format not in implemented:
                 raise ValueError(f"backend {self.backend!r} does not implement format {self.format!r}; "
@@ -72,30 +65,3 @@ class QuantSpec:
         if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return False
         return not self.include or any(fnmatch.fnmatchcase(name, p) for p in self.include)
-
-
-def effective_group_size(in_features: int, group_size: int) -> int | None:
-    """The int4 group size quanto will really use for `in_features` (None = one group per row).
-
-    Mirrors `optimum.quanto.nn.QModuleMixin`: shrink by 32 until it divides in_features, and
-    give up on grouping when in_features is not larger than the requested size.
-    """
-    if in_features <= group_size:
-        return None
-    g = group_size
-    while in_features % g != 0 and g > 32:
-        g -= 32
-    return g if in_features % g == 0 else None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16: the manifest stores dtypes as plain strings."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of `dtype_name`, refusing anything that is not a torch dtype."""
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype name {name!r}")
-    return value

@@ -2,7 +2,8 @@
 
 Prints one JSON line: the instruction set, the compute dtype and kernel chosen per component, and
 fractions of the limits, each for "before" (bf16 compute, quanto int4: the old `cpu` preset) and
-"after" (the dtype `lite.runtime.hardware` picks for this CPU, torch-native packed kernels):
+"after" (the CPU plan of this machine, `lite/runtime/cpu/plan.py`: its compute dtype, packed Linears and one-row
+kernel, torch-native packed kernels); the plan itself is printed as `cpu_plan`:
 
 - yak_fraction_of_gemm: a full-width Yak pass (random full-size weights) against the time the GEMM
   rate of its own dtype needs for the same GEMM shapes (each shape timed alone, same dtype): its
@@ -40,7 +41,7 @@ if "--emulate-avx2" in sys.argv and os.environ.get("ATEN_CPU_CAPABILITY") != "av
     argv = [a for a in sys.argv if a != "--emulate-avx2"]
     sys.exit(subprocess.run([sys.executable, *argv, "--emulated"], env={**os.environ, **AVX2_ENV}).returncode)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lite.runtime.hardware import early_environment, wait_policy_note  # noqa: E402  (imports no torch)
+from lite.runtime.cpu.threads import early_environment  # noqa: E402  (imports no torch)
 
 os.environ.update(early_environment())  # the OpenMP wait policy the CLI would choose here, before torch starts
 
@@ -49,10 +50,15 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from lite.runtime import hardware as hw  # noqa: E402
+from lite.runtime.cpu.compute import use_fp32_compute  # noqa: E402
+from lite.runtime.cpu.install import runs_on_one_row  # noqa: E402
+from lite.runtime.cpu.plan import CpuPlan  # noqa: E402
+from lite.runtime.cpu.prepack import use_packed_linears  # noqa: E402
+from lite.runtime.cpu.probes import this_machine_plan  # noqa: E402
+from lite.runtime.cpu.row_gemv import use_row_gemv  # noqa: E402
+from lite.runtime.cpu.threads import configure_threads  # noqa: E402
 from offload.accounting import module_nbytes  # noqa: E402
 from quant import QuantSpec, quantize  # noqa: E402
-from quant.compute import use_fp32_compute  # noqa: E402
-from quant.row_gemv import one_row_kernel, use_row_gemv  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "lite" / "data" / "config.json"
 
@@ -179,20 +185,18 @@ def interleave(cases: dict[str, Callable[[], float]], rounds: int) -> dict[str, 
 
 # --------------------------------------------------------------------------------------------- components
 
-def as_runtime_packs(model: nn.Module, component: str, compute: torch.dtype) -> nn.Module:
-    """A copy of `model` with its token-wise bf16 weights in oneDNN's layout, as the pipeline sets it up on CPU
-    (`lite.runtime.loading.pack_cpu_linears`); the model itself where the runtime would not pack."""
-    from lite.runtime.loading import runs_on_one_row
-    from quant.prepack import prepack_available, use_packed_linears
-
-    if compute != torch.bfloat16 or not prepack_available(torch.bfloat16):
+def as_runtime_packs(model: nn.Module, component: str, plan: CpuPlan) -> nn.Module:
+    """A copy of `model` with its token-wise bf16 weights in oneDNN's layout, as the CPU plan has the pipeline set
+    it up (`lite/runtime/cpu/install.py`); the model itself where the plan does not pack it."""
+    if plan.compute_dtype != torch.bfloat16 or component not in plan.packed_components:
         return model
     packed = copy.deepcopy(model)
-    use_packed_linears(packed, lambda name: runs_on_one_row(component, name))
+    use_packed_linears(packed, lambda name: runs_on_one_row(component, name), native=plan.native_bf16)
     return packed
 
 
-def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: int) -> dict[str, Any]:
+def yak_section(cfg: Any, quick: bool, plan: CpuPlan, rounds: int, res: int) -> dict[str, Any]:
+    compute = plan.compute_dtype
     from lite.model.modeling_yak import RefinedText, YakTransformer
 
     ycfg = replace(cfg.yak, depth=1, depth_single_blocks=2) if quick else cfg.yak
@@ -221,7 +225,7 @@ def yak_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, res: i
     def before() -> float:
         return timed(run(yak, torch.bfloat16))
 
-    packed = as_runtime_packs(yak, "yak", compute)
+    packed = as_runtime_packs(yak, "yak", plan)
 
     def after() -> float:
         if compute == torch.bfloat16:
@@ -288,7 +292,8 @@ def _dense_llm_shapes(cfg: Any, prompt: torch.Tensor, layers: int) -> list[tuple
     return shapes * layers + [(1, dense.lm_head.in_features, dense.lm_head.out_features)]
 
 
-def llm_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, bandwidth: float) -> dict[str, Any]:
+def llm_section(cfg: Any, quick: bool, plan: CpuPlan, rounds: int, bandwidth: float) -> dict[str, Any]:
+    compute = plan.compute_dtype
     from transformers import DynamicCache
 
     layers = 4 if quick else int(cfg.llm["num_hidden_layers"])
@@ -307,7 +312,7 @@ def llm_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int, bandwi
         quantize(model.model.layers, spec)
         quant_s_per_gb[label] = (time.perf_counter() - t0) / (bf16_bytes / 1e9)
         if backend == "native":
-            use_row_gemv(model)  # as the runtime does on CPU (the head's decode GEMV)
+            use_row_gemv(model, kernel=plan.one_row_kernel.value)  # as the runtime does on CPU (the head's decode GEMV)
         models[label] = model
     fp32_handle = use_fp32_compute(models["after"]) if compute == torch.float32 else None
     prompt = torch.randint(0, 1000, (1, 256))
@@ -480,9 +485,7 @@ def kernels_section(rounds: int, compute: torch.dtype) -> dict[str, Any]:
     use_row_gemv(dense["bf16, one row as torch.mv"], kernel="mv")
     dense["bf16, one row, ATen mv"] = copy.deepcopy(dense["bf16 GEMM"])
     use_row_gemv(dense["bf16, one row, ATen mv"], kernel="mv-aten")
-    from quant.prepack import prepack_available, use_packed_linears
-
-    if prepack_available(torch.bfloat16):  # the Yak's token-wise layers on this CPU (quant/prepack.py)
+    if this_machine_plan().packed_components:  # the Yak's token-wise layers on this CPU (lite/runtime/cpu/prepack.py)
         dense["bf16, oneDNN-packed weight"] = copy.deepcopy(dense["bf16 GEMM"])
         use_packed_linears(dense["bf16, oneDNN-packed weight"])
     layers.update(dense)
@@ -533,20 +536,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--emulated", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    hw.configure_threads(args.threads)
+    configure_threads(args.threads)
     feats = hw.with_bandwidth()
-    compute, why = hw.cpu_compute_dtype(feats)
+    plan = this_machine_plan()  # what the runtime would run here, decided once
+    compute, why = plan.compute_dtype, plan.compute.reason
     from lite.model.config import parse_config
 
     cfg = parse_config(json.loads(CONFIG.read_text()), str(CONFIG))
     only = set(args.only.split(","))
-    from quant.prepack import prepack_available
-
-    packed = ", oneDNN-packed weights" if compute == torch.bfloat16 and prepack_available(compute) else ""
+    packed = ", oneDNN-packed weights" if compute == torch.bfloat16 and plan.packed_components else ""
     result: dict[str, Any] = {
         "machine": feats.to_dict(), "describe": feats.describe(), "emulated_avx2": args.emulated,
-        "torch": torch.__version__, "threads": hw.intra_threads(), "openmp_wait": wait_policy_note(),
-        "one_row_bf16_kernel": one_row_kernel(torch.bfloat16), "quick": args.quick,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "openmp_wait": plan.wait_policy.reason,
+        "one_row_bf16_kernel": plan.one_row_kernel.value, "quick": args.quick, "cpu_plan": plan.to_dict(),
         "compute_dtype": str(compute).removeprefix("torch."), "why": why,
         "kernels": {"llm": "native int4 (torch._weight_int4pack_mm_for_cpu, bf16 activations; dense GEMM over "
                            "dequantized weights above 128 rows)",
@@ -556,12 +558,12 @@ def main() -> None:
         "before": "bf16 compute, quanto int4 LLM",
     }
     if "yak" in only:
-        result["yak"] = yak_section(cfg, args.quick, compute, args.rounds, 256)
+        result["yak"] = yak_section(cfg, args.quick, plan, args.rounds, 256)
         result["yak_fraction_of_gemm"] = result["yak"]["fraction_of_gemm"]
     if "vit" in only:
         result["vit"] = vit_section(cfg, args.quick, compute, args.rounds)
     if "llm" in only:
-        result["llm"] = llm_section(cfg, args.quick, compute, args.rounds, feats.bandwidth_gbs or 1.0)
+        result["llm"] = llm_section(cfg, args.quick, plan, args.rounds, feats.bandwidth_gbs or 1.0)
         result["decode_fraction_of_bandwidth"] = result["llm"]["decode_fraction_of_bandwidth"]
     if "vit" in only or "llm" in only:
         result["prefill_fraction_of_gemm"] = {
@@ -574,6 +576,7 @@ def main() -> None:
         result["kernels_6144x2048"] = kernels_section(max(args.rounds, 5), compute)
     if args.load:
         result["load"] = load_section(cfg, 4 if args.quick else 8, args.rounds)
+    print("\n".join(plan.describe()), file=sys.stderr)  # the plan these numbers ran under, as the load report shows it
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
 
 

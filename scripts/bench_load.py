@@ -1,9 +1,12 @@
 """Loading a full-size Ovis-U1-3B checkpoint: time and host RAM (anonymous RSS), measured.
 
-Writes full-size *random* weights in the real layout once (they cost the same to load as the real ones),
-then loads them in a fresh process per scenario while a thread samples RssAnon every 5 ms.
+Loads the complete full-size random checkpoint (they cost the same to load as the real weights) in a
+fresh process per scenario while a thread samples RssAnon every 5 ms. If `--dir` holds none yet, it is
+written first by the shared writer (`scripts/write_fullsize.py`: 7.29 GB on disk, 2-4 minutes, writer
+peak RSS 0.56 GiB); `--write-only` stops after writing. The load itself peaks at several GB of RAM:
+run it under the heavy lock.
 
-    python scripts/bench_load.py --dir /tmp/ovis-full --json
+    flock /tmp/ovis-heavy.lock python scripts/bench_load.py --dir /work/fullsize --json
 """
 
 from __future__ import annotations
@@ -17,45 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-
-def write_full_checkpoint(out: Path, generator_fp32: bool, shard_bytes: int = 2 << 30) -> None:
-    """Random bf16 weights (the generator optionally in fp32, as its config hints) in HF shards + index."""
-    from importlib import resources
-
-    from lite.model.config import parse_config
-    from lite.model.sizes import meta_model
-    from lite.model.architecture import OVIS_U1
-
-    config_text = resources.files("lite").joinpath("data/config.json").read_text()
-    for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        (out / name).write_text(resources.files("lite").joinpath(f"data/{name}").read_text())
-    model = meta_model(parse_config(json.loads(config_text)))
-    gen = torch.Generator().manual_seed(0)
-    shard: dict[str, torch.Tensor] = {}
-    size, index, weight_map = 0, 0, {}
-
-    def flush() -> None:
-        nonlocal shard, size, index
-        index += 1
-        name = f"model-{index:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-        shard, size = {}, 0
-
-    for key, t in model.state_dict().items():
-        if key in OVIS_U1.tied_weights_keys or key.endswith("inv_freq"):
-            continue
-        dtype = torch.float32 if generator_fp32 and key.startswith("visual_generator.") else torch.bfloat16
-        value = torch.empty(t.shape, dtype=dtype).normal_(0, 0.02, generator=gen)
-        shard[key] = value
-        size += value.numel() * value.element_size()
-        if size >= shard_bytes:
-            flush()
-    if shard:
-        flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+from lite.model.fullsize import COMPLETE_MARKER, write_fullsize
 
 
 def _measure(directory: str, dtype: str) -> dict[str, float]:
@@ -89,8 +55,11 @@ def _measure(directory: str, dtype: str) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/ovis-lite-full", help="where the full-size random checkpoint lives")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("--dir", default="/work/fullsize",
+                    help="the full-size random checkpoint (written here first if the folder is new or empty)")
+    ap.add_argument("--write-only", action="store_true", help="write the checkpoint if missing, load nothing")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -99,11 +68,15 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.dtype)))
         return
     directory = Path(args.dir)
-    if not (directory / "model.safetensors.index.json").exists():
-        directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / COMPLETE_MARKER).exists():
         t = time.perf_counter()
-        write_full_checkpoint(directory, generator_fp32=True)
+        try:
+            write_fullsize(directory)
+        except FileExistsError as exc:
+            sys.exit(f"error: {exc} (and it has no {COMPLETE_MARKER} marker of a finished full-size checkpoint)")
         print(f"wrote full-size random checkpoint to {directory} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if args.write_only:
+        return
     results = {}
     for dtype in ("bfloat16",):
         proc = subprocess.run([sys.executable, __file__, "--measure", str(directory), "--dtype", dtype],

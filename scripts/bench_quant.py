@@ -219,7 +219,7 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
     import tempfile
 
     from lite.model.checkpoint import load_model
-    from lite.model.checkpoint import load_quantized_model
+    from lite.model.load_quantized import load_quantized_model
     from lite.model.precision import policy_for
     from lite.model.tiny import make_tiny
 
@@ -301,7 +301,7 @@ import json, sys, threading, time
 import torch
 torch.set_num_threads(2)
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.model.checkpoint import load_quantized_model
+from lite.model.load_quantized import load_quantized_model
 import optimum.quanto.tensor  # imported before the baseline
 trim_host_heap()
 base = rss_anon_bytes(); peak = [base]; stop = threading.Event()
@@ -332,7 +332,7 @@ def bench_load(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"{path}/config.json missing")
         entries = index_checkpoint(path)
     except CheckpointError as exc:
-        return {"skipped": f"no complete full-size checkpoint at {path} ({exc}); write it with scripts/bench_load.py"}
+        return {"skipped": f"no complete full-size checkpoint at {path} ({exc}); write it with scripts/write_fullsize.py"}
     bf16 = sum(math.prod(e.shape) * 2 for e in entries.values())
     res = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(path), args.load_policy], capture_output=True,
                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

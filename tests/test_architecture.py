@@ -40,6 +40,84 @@ def _top(module: str) -> str:
     return module.split(".")[0]
 
 
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """module -> our modules it imports, at module level or inside functions (TYPE_CHECKING ones too).
+
+    `from pkg import name` points at `pkg.name` when that is a module of ours, else at `pkg`; a package's
+    `__init__` run on the way to a submodule is not an edge (it is not what the file asked for)."""
+    modules = {_module_of(p) for p in files}
+    graph: dict[str, set[str]] = {}
+    for p in files:
+        here = _module_of(p)
+        edges = graph.setdefault(here, set())
+        for module, names, _ in _imports(p):
+            targets = [f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names] or [module]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != here:
+                    edges.add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (Tarjan), each as a closed path naming it."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return [_closed_path(graph, set(g)) for g in groups]
+
+
+def _closed_path(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    """One cycle through the group's first module, e.g. [a, b, c, a] (breadth-first, inside the group)."""
+    start = min(group)
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in sorted(graph[v] & group):
+                if w == start:
+                    path = [v]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if w not in parents:
+                    parents[w] = v
+                    nxt.append(w)
+        frontier = nxt
+    return sorted(group)
+
+
 @pytest.mark.parametrize("layer, forbidden", [("offload", {"lite", "quant"}), ("quant", {"lite"})])
 def test_lower_layers_never_import_upwards(layer: str, forbidden: set[str]) -> None:
     bad = [f"{p.relative_to(REPO)}:{line} imports {m}" for p in _py_files(layer) for m, _, line in _imports(p)
@@ -56,6 +134,26 @@ def test_sampling_imports_nothing_else_from_lite() -> None:
 def test_model_layer_does_not_reach_into_runtime_or_cli() -> None:
     bad = [f"{p.relative_to(REPO)}:{line} imports {m}" for p in _py_files("lite/model") for m, _, line in _imports(p)
            if m.startswith(("lite.runtime", "lite.cli", "lite.server"))]
+    assert bad == []
+
+
+def test_no_import_cycles_between_our_modules() -> None:
+    """Function-level imports count: an import moved into a function still makes the two modules one."""
+    cycles = _cycles(_import_graph(_py_files(*PACKAGES)))
+    assert [" -> ".join(c) for c in cycles] == []
+
+
+def test_the_cycle_finder_names_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set(), "e": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_model_layer_asks_no_backend_about_its_limits() -> None:
+    """The backends own their limits (`Backend.accepts`, asked by quant's chain): the precision tables name
+    formats only and import no backend."""
+    bad = [f"lite/model/precision.py:{line} imports {m}" for m, _, line in _imports(REPO / "lite/model/precision.py")
+           if m.startswith("quant.backends")]
     assert bad == []
 
 
@@ -125,7 +223,7 @@ def test_every_internal_import_resolves() -> None:
 def test_every_backend_implements_the_protocol() -> None:
     from quant.backends import REGISTRY, auto_chain
     from quant.backends.base import Backend
-    from quant.spec import FORMATS
+    from quant.formats import FORMATS
 
     for name, backend in REGISTRY.items():
         assert isinstance(backend, Backend), name

@@ -20,7 +20,9 @@ from torch.nn import functional as F
 from lite.model.modeling_aimv2 import VisualEmbedding
 from lite.runtime import hardware as hw
 from offload.tensors import CPU_ALIGNMENT, copy_to, cpu_copy_keeping_alignment
-from quant.compute import SMALL_ROWS, use_fp32_compute
+from lite.runtime.cpu import threads
+from lite.runtime.cpu.compute import SMALL_ROWS, use_fp32_compute
+from lite.runtime.cpu.plan import PROCESS, WaitPolicy
 from quant.int8 import Int8VisualEmbedding
 
 SAPPHIRE_RAPIDS = """processor\t: 0
@@ -108,32 +110,32 @@ def test_this_machine_is_consistent() -> None:
 
 def test_early_environment_sleeps_idle_threads_only_on_shared_cpus_and_respects_the_user() -> None:
     shared, idle = (True, "CPU pressure 34.7% over 10 s"), (False, "CPU pressure 0.0% over 10 s")
-    assert hw.early_environment({}, shared) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-    assert "sleep" in (hw.wait_policy_note() or "") and "34.7%" in (hw.wait_policy_note() or "")
-    assert hw.early_environment({}, idle) == {"TOKENIZERS_PARALLELISM": "false"}  # OpenMP's own default
-    assert "spin" in (hw.wait_policy_note() or "")
+    assert threads.early_environment({}, shared) == {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+    assert PROCESS.wait is not None and "sleep" in PROCESS.wait.reason and "34.7%" in PROCESS.wait.reason
+    assert threads.early_environment({}, idle) == {"TOKENIZERS_PARALLELISM": "false"}  # OpenMP's own default
+    assert PROCESS.wait is not None and "spin" in PROCESS.wait.reason
     user = {"OMP_WAIT_POLICY": "ACTIVE", "TOKENIZERS_PARALLELISM": "true"}
-    assert hw.early_environment(user, shared) == {}
-    assert hw.wait_policy_note() == "OpenMP wait policy ACTIVE (set by the environment)"
+    assert threads.early_environment(user, shared) == {}
+    assert PROCESS.wait == WaitPolicy("ACTIVE", "set by the environment")
 
 
 def test_cpu_contention_reads_pressure_stall_information(tmp_path: Path) -> None:
     psi = tmp_path / "cpu"
     psi.write_text("some avg10=34.70 avg60=15.69 avg300=4.53 total=279804717\n"
                    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
-    assert hw.cpu_contention(str(psi)) == (True, "CPU pressure 34.7% over 10 s")
+    assert threads.cpu_contention(str(psi)) == (True, "CPU pressure 34.7% over 10 s")
     psi.write_text("some avg10=0.41 avg60=0.02 avg300=1.35 total=264958680\n")
-    assert hw.cpu_contention(str(psi)) == (False, "CPU pressure 0.4% over 10 s")
+    assert threads.cpu_contention(str(psi)) == (False, "CPU pressure 0.4% over 10 s")
     # no PSI (older kernels, macOS): the load average, shared from half a load per CPU
-    shared, reading = hw.cpu_contention(str(tmp_path / "missing"))
+    shared, reading = threads.cpu_contention(str(tmp_path / "missing"))
     load = os.getloadavg()[0]
     assert shared == (load >= 0.5 * (os.cpu_count() or 1)) and reading.startswith("load average")
     psi.write_text("garbage\n")
-    assert hw.cpu_contention(str(psi))[1].startswith("load average")
+    assert threads.cpu_contention(str(psi))[1].startswith("load average")
 
 
 def test_configure_threads_in_a_fresh_process() -> None:
-    code = ("import torch; from lite.runtime import hardware as hw; n = hw.configure_threads(1); "
+    code = ("import torch; from lite.runtime.cpu import threads as hw; n = hw.configure_threads(1); "
             "torch.ones(4) @ torch.ones(4); m = hw.configure_threads(None); "
             "print(n, torch.get_num_threads(), torch.get_num_interop_threads(), m == hw.physical_cores())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
@@ -141,7 +143,7 @@ def test_configure_threads_in_a_fresh_process() -> None:
     n, _threads_now, interop, default_is_physical = out.stdout.split()
     assert (n, interop, default_is_physical) == ("1", "1", "True")
     with pytest.raises(ValueError):
-        hw.configure_threads(0)
+        threads.configure_threads(0)
 
 
 def test_decode_threads_restores_and_picks_a_measured_count() -> None:
@@ -240,7 +242,7 @@ def test_cpu_copy_keeps_alignment_and_bits(offset_elems: int) -> None:
 
 def test_hardware_module_imports_without_torch() -> None:
     # early_environment() must be callable before torch is imported: OpenMP reads it once, at start-up
-    code = ("import sys; from lite.runtime.hardware import early_environment; early_environment(); "
+    code = ("import sys; from lite.runtime.cpu.threads import early_environment; early_environment(); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
@@ -257,7 +259,7 @@ def _kernels(fn) -> set[str]:
 
 
 def test_row_gemv_is_the_same_linear_as_a_matrix_vector_product() -> None:
-    from quant.row_gemv import use_row_gemv
+    from lite.runtime.cpu.row_gemv import use_row_gemv
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 40).to(torch.bfloat16)
@@ -280,13 +282,16 @@ def test_row_gemv_is_the_same_linear_as_a_matrix_vector_product() -> None:
 
 
 def test_use_row_gemv_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
-    from quant import row_gemv
+    from lite.runtime.cpu import row_gemv
 
-    assert row_gemv.one_row_kernel(torch.bfloat16) in row_gemv.ONE_ROW_KERNELS
-    assert row_gemv.one_row_kernel.cache_info().currsize >= 1  # measured once per process and dtype
+    from lite.runtime.cpu.probes import this_machine_plan
+
+    assert row_gemv.measure_one_row_kernel(torch.bfloat16) in row_gemv.ONE_ROW_KERNELS
+    plan = this_machine_plan()  # measured once per process, held by the plan
+    assert plan.one_row_kernel.value in row_gemv.ONE_ROW_KERNELS and this_machine_plan() is plan
     x = torch.randn(1, 16).bfloat16()
     for kernel in row_gemv.ONE_ROW_KERNELS:
-        monkeypatch.setattr(row_gemv, "one_row_kernel", lambda dtype, kernel=kernel: kernel)
+        monkeypatch.setattr(row_gemv, "measure_one_row_kernel", lambda dtype, kernel=kernel: kernel)
         lin = nn.Linear(16, 8).to(torch.bfloat16)
         want = F.linear(x, lin.weight, lin.bias)
         assert row_gemv.use_row_gemv(lin).layers == ([] if kernel == "linear" else [lin])
@@ -299,7 +304,7 @@ def test_use_row_gemv_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_row_gemv_under_fp32_compute_returns_fp32_from_the_stored_weight() -> None:
-    from quant.row_gemv import use_row_gemv
+    from lite.runtime.cpu.row_gemv import use_row_gemv
 
     lin = nn.Linear(32, 48, bias=False).to(torch.bfloat16)
     use_row_gemv(lin, kernel="mv")
@@ -314,11 +319,9 @@ def test_row_gemv_under_fp32_compute_returns_fp32_from_the_stored_weight() -> No
 def test_cpu_pipeline_runs_the_head_as_a_matrix_vector_product_where_measured_faster(tiny_dir) -> None:
     from lite import OvisPipeline
 
-    from quant.row_gemv import one_row_kernel
-
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", progress=False)
     head = pipe.model.llm.lm_head
     assert head.weight is pipe.model.llm.model.embed_tokens.weight
     # CPU-dependent by design: the one-row kernel is the one this CPU measures fastest (Intel Xeon AMX:
     # oneDNN's mv; AMD EPYC Zen 4: ATen's mv); the assertion is that the pipeline follows the measurement
-    assert ("forward" in head.__dict__) == (one_row_kernel(head.weight.dtype) != "linear")
+    assert ("forward" in head.__dict__) == (pipe.cpu_plan.one_row_kernel.value != "linear")

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from lite.runtime import hardware
+from lite.runtime.cpu.plan import PROCESS, Choice
+from lite.runtime.cpu.probes import this_machine_plan
 from lite.runtime.pipeline import OvisPipeline
+
+
+def _force_compute(monkeypatch, compute: str, reason: str) -> None:
+    """This machine's CPU plan with another compute choice (what a CPU of the other kind would decide)."""
+    monkeypatch.setattr(PROCESS, "plan", replace(this_machine_plan(), compute=Choice(compute, reason)))
 
 
 def test_the_cpu_preset_computes_in_the_dtype_this_cpu_makes_fast(tiny_dir):
     """ISA-dependent by design: the expected dtype is read from this machine's instruction set (bf16 only where
     bf16 GEMMs are native: AMX, AVX512-BF16, ARM bf16), so the assertion holds on every CPU."""
-    expected, reason = hardware.cpu_compute_dtype()
+    plan = this_machine_plan()
+    expected, reason = plan.compute_dtype, plan.compute.reason
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
     assert pipe.dtype == expected
     assert pipe.compute_reason == reason and ("fp32" in reason) == (expected == torch.float32)
@@ -20,7 +29,7 @@ def test_the_cpu_preset_computes_in_the_dtype_this_cpu_makes_fast(tiny_dir):
 def test_without_native_bf16_weights_stay_bf16_and_compute_is_fp32(tiny_dir, monkeypatch):
     """The AVX2-only path, forced on any CPU: storage (the planned memory) unchanged, compute fp32, and the
     image is that of the all-fp32 model to within the bf16 rounding of the weights."""
-    monkeypatch.setattr(hardware, "cpu_compute_dtype", lambda features=None: (torch.float32, "fp32 compute: test"))
+    _force_compute(monkeypatch, "fp32", "fp32 compute: test")
     bf16 = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
     assert bf16.dtype == torch.float32 and bf16.compute_reason == "fp32 compute: test"
     yak = bf16.model.visual_generator.backbone
@@ -29,14 +38,14 @@ def test_without_native_bf16_weights_stay_bf16_and_compute_is_fp32(tiny_dir, mon
     image = result.image
     assert result.stats.settings["dtype"] == "fp32"
     assert yak.img_in.weight.dtype == torch.bfloat16  # the fp32 copies live only inside each call
-    monkeypatch.setattr(hardware, "cpu_compute_dtype", lambda features=None: (torch.bfloat16, "bf16 compute: test"))
+    _force_compute(monkeypatch, "bf16", "bf16 compute: test")
     native = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
-    assert native.dtype == torch.bfloat16 and native._fp32_compute is None
+    assert native.dtype == torch.bfloat16 and native.cpu_hooks.fp32 is None
     assert image.size == native.generate("a fox", width=32, height=32, steps=2, seed=3).image.size
 
 
 def test_an_explicit_dtype_wins(tiny_dir, monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_compute_dtype", lambda features=None: (torch.float32, "fp32 compute: test"))
+    _force_compute(monkeypatch, "fp32", "fp32 compute: test")
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", dtype="bf16", progress=False)
     assert pipe.dtype == torch.bfloat16 and pipe.compute_reason is None
 
@@ -54,7 +63,7 @@ def test_fp32_compute_around_quantized_layers(tiny_dir, monkeypatch):
     an fp32 query with a bf16 value from a quantized projection would refuse to run)."""
     import warnings
 
-    monkeypatch.setattr(hardware, "cpu_compute_dtype", lambda features=None: (torch.float32, "fp32 compute: test"))
+    _force_compute(monkeypatch, "fp32", "fp32 compute: test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="balanced", progress=False)

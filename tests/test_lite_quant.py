@@ -22,12 +22,12 @@ from torch import nn
 from lite.model.config import parse_config
 from lite.errors import CheckpointError, OutputError
 from lite.model.latents import image_ids
-from lite.model.checkpoint import load_model
+from lite.model.checkpoint import MANIFEST_FILE, CheckpointKind, checkpoint_kind, load_model
+from lite.model.load_quantized import load_quantized_model
 from lite.model.modeling_ovis_u1 import OvisU1
-from lite.model.checkpoint import load_quantized_model
 from lite.model.precision import POLICY_NAMES, policy_for
-from lite.model.prequantized import (MANIFEST_FILE, QuantizedCheckpointError, is_quantized_checkpoint,
-                                     save_quantized_checkpoint)
+from lite.model.prequantized import QuantizedCheckpointError
+from lite.model.prequantized_save import save_quantized_checkpoint
 from lite.model.quantize import component_nbytes, quantize_model
 from lite.model.sizes import make_sizeof, quantized_bytes
 from quant import Int8VisualEmbedding
@@ -215,7 +215,7 @@ def test_streaming_load_equals_quantize_after_load(small_dir, quantized):
 
 def test_prequantized_round_trip_is_identical(small_dir, saved, quantized):
     out, manifest = saved
-    assert is_quantized_checkpoint(out) and not is_quantized_checkpoint(small_dir)
+    assert checkpoint_kind(out) is CheckpointKind.PREQUANTIZED and checkpoint_kind(small_dir) is CheckpointKind.PLAIN
     for f in ("config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "preprocessor_config.json"):
         assert (out / f).is_file(), f
     assert manifest["policy"] == "tiny" and manifest["source"]["hash"].startswith("sha256:")
@@ -239,7 +239,7 @@ import torch
 torch.set_num_threads(1)
 from lite.model.config import load_config
 from lite.memory import rss_anon_bytes, trim_host_heap
-from lite.model.checkpoint import load_quantized_model
+from lite.model.load_quantized import load_quantized_model
 from lite.model.sizes import quantized_bytes
 out, src = sys.argv[1], sys.argv[2]
 warm, _ = load_quantized_model(out, progress=False)  # first-use costs: lazy imports, kernel set-up

@@ -1,4 +1,4 @@
-"""oneDNN-packed bf16 Linears on CPU (quant/prepack.py) and where the pipeline uses them.
+"""oneDNN-packed bf16 Linears on CPU (lite/runtime/cpu/prepack.py) and where the pipeline uses them.
 
 ISA-dependent by design: packing happens only where oneDNN's bf16 GEMM is native (AMX, AVX512-BF16). On a
 CPU without it (an AVX2-only x86, or this one under ONEDNN_MAX_CPU_ISA=AVX2) the assertions are that
@@ -14,10 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from offload.accounting import module_nbytes
-from quant import prepack
-from quant.prepack import prepack_available, unpack_linears, use_packed_linears
+from lite.runtime.cpu import prepack
+from lite.runtime.cpu.prepack import prepack_ops_available, unpack_linears, use_packed_linears
+from quant.backends.int4_prefill import dense_gemm_is_native
 
-NATIVE = prepack_available(torch.bfloat16)
+NATIVE = prepack_ops_available() and dense_gemm_is_native(torch.bfloat16)
 needs_native = pytest.mark.skipif(not NATIVE, reason="oneDNN's bf16 GEMM is not native on this CPU")
 
 
@@ -68,9 +69,8 @@ def test_unpack_linears_restores_whoever_packed() -> None:
 
 
 def test_nothing_is_packed_where_bf16_gemm_is_not_native(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepack, "prepack_available", lambda dtype: False)
     model = _model()
-    assert use_packed_linears(model).layers == []
+    assert use_packed_linears(model, native=False).layers == []
     assert not any(p.is_mkldnn for p in model.parameters())
 
 
@@ -98,9 +98,11 @@ def test_cpu_pipeline_packs_yak_and_vit_token_layers_only_where_native(tiny_dir)
     # one-row layers (modulation, embedders) and the LLM stay plain
     assert not any("mod" in n.rsplit(".", 2)[-2] or "time_in" in n or "adaLN" in n for n in packed)
     image = pipe.generate("a red square", width=64, height=64, steps=2, seed=3).image
-    pipe.enable_offload(1 << 40)  # paging needs plain tensors: everything is unpacked
-    assert not any(p.is_mkldnn for p in model.parameters())
+    pipe.enable_offload(1 << 40)  # paging needs plain tensors: it takes packing off the layers it pages
     assert image.tobytes() == pipe.generate("a red square", width=64, height=64, steps=2, seed=3).image.tobytes()
+    assert not any(p.is_mkldnn for p in model.parameters())
+    pipe.disable_offload()  # and puts it back, by name, when it goes
+    assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_mkldnn} == packed
 
 
 def test_file_backed_ranges_reads_file_mappings_only() -> None:

@@ -55,8 +55,9 @@ def test_the_skeleton_is_the_real_module_tree(which: str, tiny_dir) -> None:
     assert list(skeleton.state_dict()) == list(real.state_dict())
 
 
+# (lite.model.modeling_ovis_u1 itself is light: it imports transformers and diffusers only to build a model.)
 _HEAVY = ("diffusers", "bitsandbytes", "torch._dynamo", "torch._inductor", "transformers.modeling_utils",
-          "transformers.models.qwen3.modeling_qwen3", "optimum.quanto", "lite.model.modeling_ovis_u1")
+          "transformers.models.qwen3.modeling_qwen3", "optimum.quanto")
 
 
 @pytest.mark.parametrize("argv", [["presets"], ["plan", "--preset", "balanced", "--task", "t2i"],

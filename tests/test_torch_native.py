@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from offload.accounting import module_nbytes
-from quant import QuantSpec, export_quantized, restore_quantized
+import quant
+from quant import QuantFormatError, QuantSpec, export_quantized, quantize_linear_from_weight, restore_quantized
 from quant.backends import REGISTRY
 from quant.backends import torch_native as tn
 
@@ -104,14 +105,25 @@ def test_this_cpus_kernel_layout_is_one_we_can_read() -> None:
                                           ("int4", 40, 72, False)])  # last: no int4 group fits -> int8
 @pytest.mark.parametrize("cd", [torch.bfloat16, torch.float32])
 def test_layout_nbytes_equals_module_nbytes(fmt: str, n: int, k: int, bias: bool, cd: torch.dtype) -> None:
-    spec = QuantSpec(fmt, group_size=128)
-    layer = tn.build(_weight(n, k), torch.randn(n) if bias else None, fmt, CPU, spec, cd)
-    lay = tn.layout_nbytes(n, k, bias, fmt, spec, cd, "cpu")
+    # Through the registry's chain, which asks the backend whether it holds the shape (`accepts`).
+    spec = quant.resolve(QuantSpec(fmt, "native", group_size=128, compute_dtype=cd), CPU, (n, k))
+    layer = quantize_linear_from_weight(_weight(n, k), torch.randn(n) if bias else None, spec, CPU, cd)
+    lay = tn.layout_nbytes(n, k, bias, spec.format, spec, cd, "cpu")
     assert module_nbytes(layer) == lay["total"]
     kind = tn.kind(layer)
     assert kind.format == ("int4" if isinstance(layer, tn.PackedInt4Linear) else "int8")
     if fmt == "int4" and kind.format == "int4":
         assert lay["packed"] == n * k // 2
+
+
+def test_the_backend_refuses_int4_shapes_its_kernel_cannot_hold() -> None:
+    # 72 inputs: no group of 32..256 divides them; 40 outputs: not a multiple of 16.
+    spec = QuantSpec("int4", "native", group_size=128)
+    assert tn.accepts((96, 256), "int4", "cpu", spec) is None and tn.accepts((40, 72), "int8", "cpu", spec) is None
+    assert tn.accepts((40, 72), "int4", "cpu", spec) and tn.accepts((40, 256), "int4", "cpu", spec)
+    with pytest.raises(QuantFormatError, match="int4 kernel needs"):
+        tn.build(_weight(40, 72), None, "int4", CPU, spec, torch.bfloat16)
+    assert quant.resolve(spec, CPU, (40, 72)).format == "int8" and quant.resolve(spec, CPU, (96, 256)).format == "int4"
 
 
 def test_export_restore_is_bitwise_identical_through_safetensors(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else list(argv)
     # Before torch initialises CUDA: paging units through the device fragments the default allocator.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # Before torch starts OpenMP: its wait policy, from how busy the CPUs are (lite/runtime/hardware.py).
-    from lite.runtime.hardware import early_environment
+    # Before torch starts OpenMP: its wait policy, from how busy the CPUs are (lite/runtime/cpu/threads.py).
+    from lite.runtime.cpu.threads import early_environment
 
     os.environ.update(early_environment())
     parser = build_parser(args_list)

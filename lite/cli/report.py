@@ -28,13 +28,28 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
               f"{format_bytes(stats.peak_rss_bytes)}{dev}{extra}{dest}")
 
 
+def load_report_cpu(pipe: Any) -> list[str]:
+    """The CPU plan block of the load report (llama.cpp style: one choice a line, with its reason); [] off CPU."""
+    plan = getattr(pipe, "cpu_plan", None)
+    if plan is None:
+        return []
+    hooks = getattr(pipe, "cpu_hooks", None)
+    return [f"ovis-lite: {line}" for line in plan.describe(hooks.packed_layers if hooks is not None else None)]
+
+
+def _machine_and_plan(stats: Any) -> dict[str, Any]:
+    """`machine` and `cpu_plan` (an object of its own, null off CPU) for the --json results."""
+    machine = dict(stats.machine or {})
+    return {"machine": machine, "cpu_plan": machine.pop("cpu_plan", None)}
+
+
 def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     """One line of `generate/edit --json`."""
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
                        "seconds": round(stats.seconds, 3), "steps": stats.steps, "nfe": stats.nfe,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
-                       "phases": stats.to_dict()["phases"], "machine": stats.machine})
+                       "phases": stats.to_dict()["phases"], **_machine_and_plan(stats)})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -44,7 +59,7 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
-                       "phases": stats.to_dict()["phases"], "machine": stats.machine})
+                       "phases": stats.to_dict()["phases"], **_machine_and_plan(stats)})
 
 
 def count_tokens(stats: Any, tokenizer: Any, answer: str) -> int:

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lite.cli.report import notice, say
+from lite.cli.report import load_report_cpu, notice, say
 
 if TYPE_CHECKING:  # torch and the model layer load after the arguments are checked
     from lite.runtime.resolve import ResolvedRun
@@ -40,7 +40,7 @@ class RunConfig:
 def configure_threads(threads: int | None) -> None:
     """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
     try:
-        from lite.runtime.hardware import configure_threads as configure
+        from lite.runtime.cpu.threads import configure_threads as configure
     except ImportError:
         if threads is not None:
             import torch
@@ -66,7 +66,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
     device, fallback = resolve_device(args.device)
     notices = [fallback] if fallback else []
-    directory, config, pp, quantized = read_checkpoint(args.model)
+    directory, config, pp, kind = read_checkpoint(args.model)  # every file check before any weight is read
     config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:
@@ -79,7 +79,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     dtype = resolve_dtype(args.dtype) if args.dtype != "auto" else None
     configure_threads(args.threads)
     resolved = ResolvedRun(directory, config, pp, device, dtype, preset, planning.effective_budget(preset, machine),
-                           quantized, progress=progress_enabled(args))
+                           kind, progress=progress_enabled(args))
     return RunConfig(resolved, machine, notices)
 
 
@@ -117,11 +117,8 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         where = f"{run.resolved.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
-    if pipe.compute_reason is not None:
-        from lite.runtime.hardware import detect, wait_policy_note
-
-        wait = wait_policy_note()
-        say(args, f"ovis-lite: {pipe.compute_reason} ({detect().describe()}{'; ' + wait if wait else ''})")
+    for line in load_report_cpu(pipe):  # the CPU plan (h1: surgical)
+        say(args, line)
     return pipe
 
 

@@ -180,7 +180,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from lite.model.prequantized import save_quantized_checkpoint
+    from lite.model.prequantized_save import save_quantized_checkpoint
     from lite.runtime.presets import get_preset
 
     preset = get_preset(args.preset)

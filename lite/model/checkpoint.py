@@ -7,30 +7,31 @@ placed. Nothing is unpickled, and host RAM never holds two copies of the model.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from offload.accounting import module_nbytes
 
-from lite.model.config import OvisU1Config, load_config
-from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.errors import CheckpointError
 from lite.memory import rss_anon_bytes, trim_host_heap
 from lite.model.architecture import OVIS_U1
+from lite.model.config import OvisU1Config, load_config
+from lite.model.modeling_ovis_u1 import OvisU1
+from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.progress import progress_bar
 
-if TYPE_CHECKING:  # the model code (transformers, diffusers) is imported when a model is built
-    from lite.model.modeling_ovis_u1 import OvisU1
-
 HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
+#: The manifest `lite.model.prequantized_save` writes last: its presence makes a folder pre-quantized.
+MANIFEST_FILE = "ovis_lite_quant.json"
 MODEL_ENV = "OVIS_LITE_MODEL"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -38,7 +39,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
     """An existing local snapshot of `repo_id` in the HF cache; never downloads."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy (httpx and more): only when no folder is given
 
         path = Path(snapshot_download(repo_id=repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure means "not in the cache"
@@ -71,6 +72,18 @@ def find_checkpoint(model: str | os.PathLike[str] | None = None) -> Path:
     raise CheckpointError(
         f"no Ovis-U1 checkpoint found (looked in: {', '.join(looked)}); download {HF_REPO_IDS[0]} "
         f"(e.g. `hf download {HF_REPO_IDS[0]}`) and pass --model DIR, or set ${MODEL_ENV}")
+
+
+class CheckpointKind(enum.Enum):
+    """What a checkpoint folder holds, decided once (`checkpoint_kind`) and handed down to the loader."""
+
+    PLAIN = "plain"  # the HF layout: full-precision tensors, cast or quantized while they stream in
+    PREQUANTIZED = "prequantized"  # written by `save_quantized_checkpoint`: payloads restored as stored
+
+
+def checkpoint_kind(directory: str | os.PathLike[str]) -> CheckpointKind:
+    """PREQUANTIZED for a folder holding the manifest (`MANIFEST_FILE`), else PLAIN."""
+    return CheckpointKind.PREQUANTIZED if (Path(directory) / MANIFEST_FILE).is_file() else CheckpointKind.PLAIN
 
 
 def model_id_of(directory: Path) -> str:
@@ -143,11 +156,15 @@ class LoadReport:
     rss_anon_before: int = 0
     rss_anon_after: int = 0
     policy: str = ""
-    prequantized: bool = False
+    kind: CheckpointKind = CheckpointKind.PLAIN
     quant: Any = None  # lite.model.quantize.ModelQuantReport when anything was quantized
     bytes_read: int = 0  # bytes of every tensor read from the checkpoint
     largest_tensor_bytes: int = 0
     names_read: list[str] = field(default_factory=list)
+
+    @property
+    def prequantized(self) -> bool:
+        return self.kind is CheckpointKind.PREQUANTIZED
 
 
 class ShardSource:
@@ -166,7 +183,7 @@ class ShardSource:
         return iter_checkpoint_tensors(self.entries)
 
 
-PlacerFactory = Callable[["OvisU1"], Placer]
+PlacerFactory = Callable[[OvisU1], Placer]
 
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
@@ -176,8 +193,6 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
 
     Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
     """
-    from lite.model.modeling_ovis_u1 import OvisU1
-
     config = config if config is not None else load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()
@@ -238,7 +253,7 @@ def named_tensors(model: nn.Module, skip: set[str] = frozenset()) -> Iterator[tu
             yield prefix + leaf, t
 
 
-def _resolved(path: str | os.PathLike[str] | None, config: OvisU1Config | None) -> Path:
+def resolved_directory(path: str | os.PathLike[str] | None, config: OvisU1Config | None) -> Path:
     """The checkpoint directory: `path` as given when the caller resolved it already (it passes the config it
     read there, `lite.runtime.resolve`), else looked up."""
     return Path(path) if config is not None and path is not None else find_checkpoint(path)
@@ -257,38 +272,8 @@ def load_model(
     `dtype` is one dtype, or a function of the tensor name (per-component precision). A `placer`
     may take over a tensor (e.g. quantize it as it streams in); it returns True when it did.
     """
-    directory = _resolved(path, config)
+    directory = resolved_directory(path, config)
     dtype_for: DTypeFor = dtype if callable(dtype) else (lambda _name, _d=dtype: _d)
     make = (lambda _model: placer) if placer is not None else None
     return stream_into_model(directory, ShardSource(directory), torch.device(device), dtype_for, make, progress,
                              LoadReport(path=directory), config)
-
-
-def load_quantized_model(path: str | os.PathLike[str] | None, policy: Any = None,
-                         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                         progress: bool = True, config: OvisU1Config | None = None) -> tuple[OvisU1, LoadReport]:
-    """Load an Ovis-U1 checkpoint quantized by `policy` (a QuantPolicy or a Precision), streaming.
-
-    A directory written by `save_quantized_checkpoint` is restored from its payloads: no
-    full-precision weight is read and `policy` is ignored (the checkpoint's formats win; the report
-    names its policy). Otherwise each tensor is read from the mmapped shards, cast, quantized and
-    placed before the next one is read, so peak host RAM is about the quantized model plus the
-    largest tensor's transients. `dtype` overrides the policy's compute/storage dtype.
-    """
-    from lite.model.precision import as_policy
-    from lite.model.prequantized import PrequantizedSource, is_quantized_checkpoint
-    from lite.model.quantize import StreamingQuantizer
-
-    directory = _resolved(path, config)
-    device = torch.device(device)
-    if is_quantized_checkpoint(directory):
-        source = PrequantizedSource(directory, device)
-        report = LoadReport(path=directory, policy=source.policy_name, prequantized=True)
-        return stream_into_model(directory, source, device, source.dtype_for, source.make_placer, progress, report,
-                                 config)
-    policy = as_policy(policy, device.type)
-    if dtype is not None:
-        policy = policy.with_dtype(dtype)
-    report = LoadReport(path=directory, policy=policy.name)
-    return stream_into_model(directory, ShardSource(directory), device, policy.dtype_for,
-                             lambda model: StreamingQuantizer(model, policy, device), progress, report, config)

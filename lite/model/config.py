@@ -22,6 +22,7 @@ _MODEL_TYPE_RENAMES = {
     "aimv2_native_visual_tokenizer": "aimv2_visual_tokenizer",
     "aimv2_native": "aimv2",
 }
+_HF_NOISE_KEYS = {"_attn_implementation_autoset", "architectures", "_name_or_path", "torch_dtype"}  # not Qwen3's
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ class YakConfig:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    @property
+    def refiner_mlp_hidden(self) -> int:
+        """The token refiner's MLP: ratio 4 whatever `mlp_ratio` says, as the reference builds it (spec §3.6)."""
+        return 4 * self.hidden_size
+
 
 @dataclass(frozen=True)
 class OvisU1Config:
@@ -112,7 +118,7 @@ class OvisU1Config:
 
     def qwen3_config(self) -> Qwen3Config:
         """transformers' Qwen3 config built from `llm_config`, with SDPA attention."""
-        from transformers import Qwen3Config
+        from transformers import Qwen3Config  # transformers takes seconds to import: only when a model is built
 
         try:
             cfg = Qwen3Config(**{k: v for k, v in self.llm.items() if k not in _HF_NOISE_KEYS})
@@ -145,9 +151,6 @@ class OvisU1Config:
 
     def to_dict(self) -> dict[str, Any]:
         return self.raw
-
-
-_HF_NOISE_KEYS = {"_attn_implementation_autoset", "architectures", "_name_or_path", "torch_dtype"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,10 +361,6 @@ class PreprocessorConfig:
         return self.patch_size * self.hidden_stride
 
 
-#: The first resize of a canvas/edit image goes to at least this many pixels (spec §4).
-_MIN_VIEW_PIXELS = 3136
-
-
 def parse_preprocessor_config(data: object, source: str = "preprocessor_config.json",
                               vision: VisionConfig | None = None) -> PreprocessorConfig:
     """Checked `PreprocessorConfig`; with `vision`, also that patching matches the model's ViT."""
@@ -376,7 +375,7 @@ def parse_preprocessor_config(data: object, source: str = "preprocessor_config.j
         min_pixels=s.int("min_pixels", d.min_pixels),
         max_pixels=s.int("max_pixels", d.max_pixels),
     )
-    floor = max(pp.factor * pp.factor, _MIN_VIEW_PIXELS)
+    floor = max(pp.factor * pp.factor, 56 * 56)  # the first resize of a canvas gives at least 56² (spec §4)
     if pp.min_pixels < floor:
         raise ConfigError(f"{source}: key 'min_pixels' ({pp.min_pixels}) must be at least {floor} "
                           f"(one {pp.factor}x{pp.factor} tile: patch_size x hidden_stride, squared)")

@@ -74,7 +74,7 @@ def _attention_scores(heads: int, q: int, k: int, nbytes: int, device_type: str)
 
 def _vision_tokens(w: int, h: int, pp: PreprocessorConfig, generation: bool) -> int:
     if generation:
-        h, w = smart_resize(h, w, pp.factor, 3136, pp.min_pixels)
+        h, w = smart_resize(h, w, max_pixels=pp.min_pixels)  # factor 28 whatever the patch size (spec §4)
     h, w = smart_resize(h, w, pp.factor, pp.min_pixels, pp.max_pixels)
     return (h // pp.patch_size) * (w // pp.patch_size)
 

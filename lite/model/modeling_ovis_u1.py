@@ -12,18 +12,20 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
-from transformers import Qwen3ForCausalLM
 
-from lite.model.config import OvisU1Config
 from lite.model.architecture import OVIS_U1, Architecture
+from lite.model.config import OvisU1Config
 from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer, indicator_rows
 from lite.model.modeling_yak import YakTransformer
+
 
 class VisualGenerator(nn.Module):
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
+        # diffusers takes seconds to import: only when a model is built, never for planning or `--help`.
+        from diffusers import AutoencoderKL
+
         self.backbone = YakTransformer(config.yak)
         self.vae = AutoencoderKL.from_config(config.vae)
 
@@ -35,6 +37,9 @@ class OvisU1(nn.Module):
 
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
+        # transformers' modeling code takes seconds to import: only when a model is built.
+        from transformers import Qwen3ForCausalLM
+
         self.config = config
         self.llm = Qwen3ForCausalLM(config.qwen3_config())
         self.visual_tokenizer = VisualTokenizer(config.vision)

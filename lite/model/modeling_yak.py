@@ -212,7 +212,9 @@ class SingleTokenRefiner(nn.Module):
         self.input_embedder = nn.Linear(cfg.context_in_dim, d)
         self.c_embedder = TextProjection(cfg.context_in_dim, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.individual_token_refiner = TokenRefinerStack(cfg.refiner_depth, d, cfg.refiner_heads, cfg.mlp_hidden)
+        # The refiner's MLP is 4x wide whatever `mlp_ratio` says, as in the reference (spec §3.6).
+        self.individual_token_refiner = TokenRefinerStack(cfg.refiner_depth, d, cfg.refiner_heads,
+                                                          cfg.refiner_mlp_hidden)
 
     def forward(self, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.c_embedder(txt.mean(dim=1))

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 import quant
-from quant import QuantSpec, dtype_name, effective_group_size
-from quant.backends import quanto
+from quant import QuantSpec, dtype_name
 
 from lite.model.architecture import OVIS_U1
 
@@ -45,11 +44,6 @@ def _spec(key: str, fmt: str, backend: str = "auto", **kw: Any) -> QuantSpec:
     return QuantSpec(fmt, backend, include=patterns["include"], exclude=patterns["exclude"], **rest)
 
 
-def resolve_spec(spec: QuantSpec, device_type: str) -> QuantSpec:
-    """Backend "auto" resolved for `device_type` through quant's one auto chain (never touches a device)."""
-    return quant.resolve(spec, device_type)
-
-
 @dataclass(frozen=True)
 class QuantPolicy:
     """What each component becomes: a `QuantSpec` per policy key, plus storage dtypes.
@@ -59,9 +53,8 @@ class QuantPolicy:
     "none"/"bf16"/"fp16" mean "not quantized" (stored in `dtype`). `vae_dtype` is the
     VAE's storage dtype (the VAE is never quantized). `device_type` is the device the policy was
     resolved for: backend "auto" picks bitsandbytes only on CUDA, quanto (else pure torch)
-    elsewhere. `int4_fallback`: on cpu/cuda, int4 layers that would not get quanto's TinyGemm
-    kernel (in_features <= 128 or not a multiple of 128, or N % 16 != 0 on CPU) get this format
-    instead, because quanto's generic int4 path JIT-compiles a C++ extension (~26 s); None keeps them.
+    elsewhere. Which layer shapes a backend holds in a format is the backend's own answer
+    (`quant.backends.Backend.accepts`, asked by `layer_spec` through quant's chain).
     """
 
     name: str
@@ -69,7 +62,6 @@ class QuantPolicy:
     dtype: torch.dtype = torch.bfloat16
     vae_dtype: torch.dtype = torch.float32
     device_type: str = "cpu"
-    int4_fallback: str | None = "int8"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -123,8 +115,8 @@ class QuantPolicy:
         """A copy computing in `dtype` everywhere: unquantized storage and quantized layers' compute.
 
         Changing only the storage dtype would mix dtypes inside one attention (an fp32 q next to a
-        bf16 v from a quantized projection). quanto's int4 kernel needs bf16; other int4 layers then
-        take `int4_fallback`.
+        bf16 v from a quantized projection). quanto's int4 kernel needs bf16: its backend refuses other
+        int4 layers, which then take int8 (`quant.backends.SMALLER_FORMAT`).
         """
         specs = {k: replace(s, compute_dtype=dtype) for k, s in self.specs.items()}
         return replace(self, dtype=dtype, specs=specs)
@@ -137,20 +129,15 @@ class QuantPolicy:
 
     def resolved(self, key: str) -> QuantSpec:
         """The spec with backend "auto" resolved for `device_type` (bnb only on CUDA)."""
-        return resolve_spec(self.specs[key], self.device_type)
+        return quant.resolve(self.specs[key], self.device_type)
 
     def layer_spec(self, key: str, rel_name: str, out_features: int, in_features: int) -> QuantSpec | None:
-        """Explicit spec for one Linear (name relative to the component root), or None to keep it plain."""
+        """Explicit spec for one Linear (name relative to the component root), or None to keep it plain; the
+        backend the chain lands on decides whether it holds this shape in the format (else a smaller one)."""
         spec = self.specs[key]
         if spec.format == "none" or not spec.matches(rel_name):
             return None
-        spec = resolve_spec(spec, self.device_type)
-        if (spec.format == "int4" and spec.backend == "quanto" and self.int4_fallback
-                and self.device_type in ("cpu", "cuda")
-                and not quanto.tinygemm_ok(out_features, in_features,
-                                                    effective_group_size(in_features, spec.group_size),
-                                                    spec.compute_dtype, self.device_type)):
-            spec = resolve_spec(replace(spec, format=self.int4_fallback, backend="auto"), self.device_type)
+        spec = quant.resolve(spec, self.device_type, (out_features, in_features))
         return None if spec.format == "none" else spec
 
     def formats(self) -> dict[str, str]:
@@ -175,7 +162,7 @@ class QuantPolicy:
         """JSON-able description (stored in the manifest of pre-quantized checkpoints)."""
         return {
             "name": self.name, "device_type": self.device_type, "dtype": dtype_name(self.dtype),
-            "vae_dtype": dtype_name(self.vae_dtype), "int4_fallback": self.int4_fallback,
+            "vae_dtype": dtype_name(self.vae_dtype),
             "specs": {k: {"format": s.format, "backend": s.backend, "group_size": s.group_size,
                           "include": list(s.include), "exclude": list(s.exclude),
                           "compute_dtype": dtype_name(s.compute_dtype), "double_quant": s.double_quant}

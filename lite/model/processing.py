@@ -20,6 +20,10 @@ from lite.errors import InputError
 IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = OVIS_U1.image_placeholder
 MAX_ASPECT = 200  # smart_resize clamps more extreme aspect ratios
+#: smart_resize's own defaults (spec §3.1 step 2.6). The reference's first resize of a generation/edit canvas
+#: passes neither, so it uses factor 28 whatever the ViT's patch_size x hidden_stride (spec §4).
+SMART_RESIZE_FACTOR = 28
+SMART_RESIZE_MIN_PIXELS = 56 * 56
 
 T2I_PREFIX = ("Describe the image by detailing the color, shape, size, texture, quantity, text, "
               "and spatial relationships of the objects:")
@@ -31,8 +35,8 @@ THINK_EMPTY = "<think>\n\n</think>\n\n"
 # Sizes.
 # ---------------------------------------------------------------------------------------------
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = SMART_RESIZE_FACTOR,
+                 min_pixels: int = SMART_RESIZE_MIN_PIXELS, max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
     """The reference's Qwen2-VL smart_resize, degenerate cases included (spec §3.1 step 2)."""
     if height < factor or width < factor:
         if height < width:
@@ -131,10 +135,17 @@ def concat_vision(inputs: list[VisionInput]) -> VisionInput:
     return VisionInput(torch.cat([i.pixel_values for i in inputs]), torch.cat([i.grid_thws for i in inputs]))
 
 
+def generation_view_size(height: int, width: int, pp: PreprocessorConfig) -> tuple[int, int]:
+    """(H, W) of the first resize of a canvas or edit image: smart_resize at its own defaults (factor 28 and
+    56² pixels, whatever the ViT's patch size) to at most `min_pixels` (spec §4)."""
+    return checked_size(height, width, SMART_RESIZE_FACTOR, SMART_RESIZE_MIN_PIXELS, pp.min_pixels)
+
+
 def generation_vision_input(img: Image.Image, pp: PreprocessorConfig) -> VisionInput:
-    """The ViT view of a canvas or edit image: a first smart_resize to about min_pixels (spec §4)."""
+    """The ViT view of a canvas or edit image: a first smart_resize to about min_pixels (spec §4), then the
+    understanding path's preprocessing at the ViT's own factor."""
     w, h = img.size
-    nh, nw = checked_size(h, w, pp.factor, 3136, pp.min_pixels)
+    nh, nw = generation_view_size(h, w, pp)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     return preprocess_image(img, pp)

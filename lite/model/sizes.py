@@ -5,7 +5,7 @@ skeleton (`lite/model/skeleton.py`), so it imports no transformers/diffusers mod
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,18 +16,14 @@ from quant.backends.base import element_size
 
 from lite.model.architecture import COMPONENTS, OVIS_U1
 from lite.model.config import OvisU1Config
+from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.precision import Precision, QuantPolicy, as_policy
 from lite.model.quantize import plan_model
 from lite.model.skeleton import skeleton_model
 
-if TYPE_CHECKING:
-    from lite.model.modeling_ovis_u1 import OvisU1
-
 
 def meta_model(config: OvisU1Config) -> OvisU1:
     """The real model on `meta` (for tools that go on to materialise parts of it); sizing uses the skeleton."""
-    from lite.model.modeling_ovis_u1 import OvisU1
-
     with torch.device("meta"):
         return OvisU1(config)
 

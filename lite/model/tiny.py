@@ -61,7 +61,7 @@ def tiny_config_dict(vocab_size: int = TINY_LLM_VOCAB, bos_id: int = 0, eos_id: 
     return cfg
 
 
-def _train_tokenizer() -> tuple[dict[str, int], list[str]]:
+def train_byte_bpe() -> tuple[dict[str, int], list[str]]:
     """A byte-level BPE trained offline in milliseconds: (vocab, merges) without special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -77,7 +77,7 @@ def _train_tokenizer() -> tuple[dict[str, int], list[str]]:
 
 def write_tokenizer(out: Path) -> dict[str, int]:
     """vocab.json + merges.txt + tokenizer_config.json, as the real checkpoint ships them."""
-    vocab, merges = _train_tokenizer()
+    vocab, merges = train_byte_bpe()
     special_ids = {tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -105,27 +105,30 @@ def _gain(name: str) -> float:
     return 1.0
 
 
+def init_mean_std(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of the normal a random parameter is drawn from, chosen so that no path is switched off
+    (zero-init gates, CLS, pos_embed...) and activations keep their scale (1/sqrt(fan-in) for matrices)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("pos_embed", "cls_token") or name.endswith(("embed_tokens.weight", "vte.weight")):
+        return 0.0, 0.5
+    if len(shape) >= 2:
+        return 0.0, _gain(name) / math.sqrt(math.prod(shape[1:]))
+    if name.startswith("visual_tokenizer.head.1.weight"):
+        return 2.0, 0.2
+    if leaf == "bias":
+        return 0.0, 0.1
+    return 1.0, 0.15  # norm weights and QK-norm scales
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Draw every parameter so that no path is switched off (zero-init gates, CLS, pos_embed...)."""
+    """Draw every parameter from `init_mean_std` (one generator, in parameter order)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
         if name in OVIS_U1.tied_weights_keys:
             continue
-        if leaf in ("pos_embed", "cls_token") or name.endswith(("embed_tokens.weight", "vte.weight")):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        elif p.ndim >= 2:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=gen) * (_gain(name) / math.sqrt(fan_in)))
-        elif leaf == "bias" and "norm" not in name and not name.startswith("visual_tokenizer.head.1"):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        elif name.startswith("visual_tokenizer.head.1.weight"):
-            p.copy_(2 + torch.randn(p.shape, generator=gen) * 0.2)
-        elif leaf == "bias":
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        else:  # norm weights and QK-norm scales
-            p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.15)
+        mean, std = init_mean_std(name, tuple(p.shape))
+        p.copy_(torch.randn(p.shape, generator=gen) * std + mean)
 
 
 def _shards(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

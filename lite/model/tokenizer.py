@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase, Qwen2Tokenizer
+from typing import TYPE_CHECKING
 
 from lite.errors import TokenizerError
 
+if TYPE_CHECKING:  # transformers is imported when a tokenizer is loaded, not by the checks before loading
+    from transformers import PreTrainedTokenizerBase
+
 REQUIRED_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+
+
+def check_tokenizer_files(directory: str | Path) -> None:
+    """Refuse a checkpoint without tokenizer files, in a stat call, before any weight is read."""
+    directory = Path(directory)
+    if not (directory / "tokenizer.json").is_file() and not (
+            (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()):
+        raise TokenizerError(f"{directory} has no tokenizer (expected vocab.json + merges.txt or tokenizer.json); "
+                             f"copy them from the model's repository into that folder")
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
@@ -18,11 +29,10 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     about remote code. And `Qwen2TokenizerFast(vocab_file=..., merges_file=...)` silently builds
     an empty tokenizer (docs/deps.md §2), so the result is checked rather than trusted.
     """
+    from transformers import Qwen2Tokenizer  # heavy: imported only when a tokenizer is really loaded
+
     directory = Path(directory)
-    has_files = (directory / "tokenizer.json").exists() or (
-        (directory / "vocab.json").exists() and (directory / "merges.txt").exists())
-    if not has_files:
-        raise TokenizerError(f"{directory} has no tokenizer (expected vocab.json + merges.txt or tokenizer.json)")
+    check_tokenizer_files(directory)
     try:
         tok = Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types here

@@ -8,15 +8,14 @@ lower it below what /proc/cpuinfo lists, and are honoured here.
 Threads: intra-op threads default to physical cores and inter-op threads to 1. OpenMP's busy-wait
 makes a 2-thread decode GEMV 2-30x slower than 1 thread when another process holds a core (measured
 on a shared 2-core AMD EPYC), but on idle cores it makes every short op faster; so `early_environment()`
-(applied before torch is imported) makes idle OpenMP threads sleep only when the CPUs are busy at
-start-up, and `decode_threads()` measures 1 thread against all of them on a decode-sized GEMV and runs
+(`lite/runtime/cpu/threads.py`, applied before torch is imported) makes idle OpenMP threads sleep only when the
+CPUs are busy at start-up, and `decode_threads()` measures 1 thread against all of them on a decode-sized GEMV and runs
 token generation with the faster.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import subprocess
@@ -224,9 +223,8 @@ def physical_cores() -> int:
     return max(1, n)
 
 
-@functools.cache
 def detect() -> CpuFeatures:
-    """This CPU's features (cached; bandwidth is measured separately by `memory_bandwidth`)."""
+    """This CPU's features (bandwidth is measured separately by `memory_bandwidth`); the CPU plan reads it once."""
     import torch
 
     arch = platform.machine() or "unknown"
@@ -247,9 +245,8 @@ def detect() -> CpuFeatures:
                          physical_cores(), logical)
 
 
-@functools.cache
 def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
-    """Copy bandwidth in GB/s (bytes read + written), best of `repeats` copies of `nbytes` (cached)."""
+    """Copy bandwidth in GB/s (bytes read + written), best of `repeats` copies of `nbytes` (measured per call)."""
     import torch
 
     src = torch.ones(nbytes, dtype=torch.uint8)
@@ -263,6 +260,13 @@ def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def detect_from_text(cpuinfo: str, capability: str = "AVX512", onednn_max_isa: str | None = None,
+                     cores: int = 2, arch: str = "x86_64") -> CpuFeatures:
+    """The features a canned /proc/cpuinfo text describes, under the given torch caps (tests, other machines)."""
+    model, x86, arm = parse_cpuinfo(cpuinfo)
+    return features_from(arch, model, arm if is_arm(arch) else x86, capability, onednn_max_isa, cores, cores)
+
+
 def with_bandwidth(features: CpuFeatures | None = None) -> CpuFeatures:
     from dataclasses import replace
 
@@ -274,110 +278,32 @@ def with_bandwidth(features: CpuFeatures | None = None) -> CpuFeatures:
 # choices
 # ---------------------------------------------------------------------------------------------
 
-def native_bf16(features: CpuFeatures) -> bool:
-    """True where a bf16 GEMM runs in hardware: AMX-BF16, AVX512-BF16, or ARM's bf16 extension."""
+def native_bf16(features: CpuFeatures, onednn: bool | None = None) -> bool:
+    """Whether a bf16 GEMM runs in hardware. `onednn`: oneDNN's own answer on this machine, which decides where
+    it was asked (it honours ONEDNN_MAX_CPU_ISA and the real CPU); else the instruction set: AMX-BF16,
+    AVX512-BF16, or ARM's bf16 extension."""
+    if onednn is not None:
+        return onednn
     return any(features.has(f) for f in ("amx_bf16", "avx512_bf16")) or (is_arm(features.arch)
                                                                          and features.has("bf16"))
 
 
-def cpu_compute_dtype(features: CpuFeatures | None = None) -> tuple[torch.dtype, str]:
-    """(compute dtype, the reason in words) for the CPU path; bf16 only where it is native."""
+def cpu_compute_dtype(features: CpuFeatures, onednn: bool | None = None) -> tuple[torch.dtype, str]:
+    """(compute dtype, the reason in words) for the CPU path; bf16 only where it is native (`native_bf16`)."""
     import torch
 
-    f = features or detect()
-    if f.has("amx_bf16"):
+    listed = native_bf16(features)
+    if not native_bf16(features, onednn):
+        if listed:
+            return torch.float32, "fp32 compute: oneDNN runs no native bf16 GEMM here (its ISA cap or this torch)"
+        return torch.float32, "fp32 compute: this CPU has no native bf16"
+    if features.has("amx_bf16"):
         return torch.bfloat16, "bf16 compute: this CPU has native bf16 (AMX)"
-    if f.has("avx512_bf16"):
+    if features.has("avx512_bf16"):
         return torch.bfloat16, "bf16 compute: this CPU has native bf16 (AVX512-BF16)"
-    if is_arm(f.arch) and f.has("bf16"):
+    if is_arm(features.arch) and features.has("bf16"):
         return torch.bfloat16, "bf16 compute: this CPU has native bf16 (ARM bf16)"
-    return torch.float32, "fp32 compute: this CPU has no native bf16"
-
-
-#: CPU pressure (Linux PSI "some avg10": percent of the last 10 s in which a runnable task waited for a
-#: CPU) from which the cores count as shared with other busy processes.
-SHARED_CPU_PRESSURE = 5.0
-
-
-def cpu_contention(pressure_path: str = "/proc/pressure/cpu") -> tuple[bool, str]:
-    """Whether other processes keep this machine's CPUs busy now, and the reading it was decided from.
-
-    Linux's pressure stall information when the kernel has it; otherwise the 1-minute load average
-    (our own process has not run yet), shared from half a load per CPU."""
-    try:
-        with open(pressure_path, encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("some "):
-                    avg10 = float(dict(kv.split("=", 1) for kv in line.split()[1:])["avg10"])
-                    return avg10 >= SHARED_CPU_PRESSURE, f"CPU pressure {avg10:.1f}% over 10 s"
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return False, "no CPU load reading"
-    cpus = os.cpu_count() or 1
-    return load >= 0.5 * cpus, f"load average {load:.2f} on {cpus} CPUs"
-
-
-_WAIT: dict[str, str] = {}
-
-
-def early_environment(environ: Mapping[str, str] | None = None,
-                      contention: tuple[bool, str] | None = None) -> dict[str, str]:
-    """Variables to set before torch is imported (OpenMP reads them once, at start-up).
-
-    OpenMP's wait policy follows how busy the CPUs are at start-up (2-core Xeon AMX, docs/BENCHMARKS.md):
-    on idle cores the default (spin briefly, then sleep) ran the ViT 1.6-1.9x faster than PASSIVE; with
-    another process on a core, PASSIVE ran it 1.3-1.5x faster. HF tokenizers start no second pool. What
-    the user has set is left alone. Apply with `os.environ.update(early_environment())`."""
-    env = os.environ if environ is None else environ
-    wanted = {"TOKENIZERS_PARALLELISM": "false"}
-    if "OMP_WAIT_POLICY" in env:
-        _WAIT["note"] = f"OpenMP wait policy {env['OMP_WAIT_POLICY']} (set by the environment)"
-    else:
-        shared, reading = cpu_contention() if contention is None else contention
-        if shared:
-            wanted["OMP_WAIT_POLICY"] = "PASSIVE"
-        _WAIT["note"] = (f"OpenMP idle threads {'sleep: the CPUs are shared' if shared else 'spin briefly: the CPUs are idle'}"
-                         f" ({reading})")
-    return {k: v for k, v in wanted.items() if k not in env}
-
-
-def wait_policy_note() -> str | None:
-    """How `early_environment` set OpenMP's wait policy in this process, for the load report (None: it did not run)."""
-    return _WAIT.get("note")
-
-
-_THREADS: dict[str, int] = {}
-
-
-def configure_threads(n: int | None = None) -> int:
-    """Intra-op threads = n (default: physical cores), inter-op threads = 1; returns the intra-op count.
-
-    Inter-op threads can only be set before the first parallel work and only once per process; if
-    that moment has passed, the existing pool is kept (it only matters for torch.jit forks).
-    """
-    import torch
-
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"threads must be a positive integer, got {n!r}")
-    threads = n or physical_cores()
-    torch.set_num_threads(threads)
-    if "interop" not in _THREADS:
-        try:
-            torch.set_num_interop_threads(1)
-            _THREADS["interop"] = 1
-        except RuntimeError:  # parallel work already started, or set before
-            _THREADS["interop"] = torch.get_num_interop_threads()
-    _THREADS["intra"] = threads
-    return threads
-
-
-def intra_threads() -> int:
-    import torch
-
-    return _THREADS.get("intra") or torch.get_num_threads()
+    return torch.bfloat16, "bf16 compute: oneDNN runs bf16 GEMMs natively here"
 
 
 def _gemv_seconds(threads: int, weight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, calls: int) -> float:
@@ -393,7 +319,15 @@ def _gemv_seconds(threads: int, weight: torch.Tensor, scale: torch.Tensor, x: to
     return sorted(times)[len(times) // 2]
 
 
+#: Measured decode thread counts per intra-op count. Kept only while `lite/runtime/streaming.py` still switches
+#: threads per generation (helper h4 replaces that with a per-call choice from the load; then this goes too).
 _DECODE: dict[int, int] = {}
+
+
+def intra_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def measure_decode_threads(max_threads: int | None = None, rounds: int = 3, calls: int = 5,
@@ -444,7 +378,6 @@ def decode_threads(recalibrate: bool = False) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-__all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "configure_threads", "cpu_compute_dtype",
-           "cpu_contention", "decode_thread_count", "decode_threads", "detect", "early_environment", "features_from",
-           "measure_decode_threads", "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl",
-           "physical_cores", "wait_policy_note", "with_bandwidth"]
+__all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "cpu_compute_dtype", "decode_thread_count",
+           "decode_threads", "detect", "detect_from_text", "features_from", "measure_decode_threads",
+           "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl", "physical_cores", "with_bandwidth"]

@@ -14,7 +14,6 @@ from typing import TypeVar
 import torch
 
 from offload import BudgetError, Plan, SequentialOffloader, attach_offload, module_nbytes
-from quant.prepack import unpack_linears
 
 from lite.errors import InputError
 from lite.memory import format_bytes
@@ -57,7 +56,6 @@ class OffloadSession:
         offloader only accounts (or, with `simulate`, really drops and restores weights).
         """
         self.disable()
-        unpack_linears(self.model)  # paging copies plain tensors: oneDNN-packed weights (CPU) go back to plain
         self.settings = OffloadSettings(int(budget_bytes), prefetch_depth, simulate)
         if self.device.type == "cuda":
             # Paging frees and reallocates units of different sizes every pass; with the default

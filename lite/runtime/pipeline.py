@@ -12,7 +12,7 @@ paging in `OffloadSession`, planning in `lite.runtime.planning`. Nothing needs f
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +27,25 @@ from lite.model.config import PreprocessorConfig
 from lite.model.images import as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
-from lite.model.processing import (Turn, concat_vision, generation_vision_input, preprocess_image,
-                                   tokenize_with_images, truncate_left, understanding_prompt)
+from lite.model.processing import (Turn, generation_vision_input, preprocess_image, tokenize_with_images,
+                                   truncate_left, understanding_prompt)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
+from lite.runtime.caches import RuntimeCaches
+from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
+from lite.runtime.cpu.plan import CpuPlan
+from lite.runtime.cpu.probes import this_machine_plan
+from lite.runtime.decode import Sampling
 from lite.runtime.devices import dtype_label
 from lite.runtime.image_tasks import ImageTasks
-from lite.runtime.loading import choose_cpu_compute, load_weights, pack_cpu_linears
+from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset
 from lite.runtime.resolve import ResolvedRun, resolve
 from lite.runtime.results import AnswerResult, AnswerStream, RunStats
-from lite.runtime.streaming import generate_on, stream_tokens
+from lite.runtime.understanding import answer
 from lite.runtime.vae import set_vae_tiling
+from lite.runtime.vision import visual_embeddings
 from lite.validation import check_max_new_tokens, check_probability, check_seed, check_temperature, check_text
 
 PhaseListener = Callable[[str], None]
@@ -64,7 +70,9 @@ class OvisPipeline(ImageTasks):
         self.preset: Preset | None = None
         self.compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
-        self._fp32_compute: Any = None
+        self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
+        self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
+        self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
 
@@ -86,22 +94,20 @@ class OvisPipeline(ImageTasks):
     @classmethod
     def load(cls, run: ResolvedRun) -> "OvisPipeline":
         """Load what `run` resolved, as it is (the CLI and `from_pretrained` both end here)."""
+        tokenizer = load_tokenizer(run.directory)  # after the file checks of `resolve`, before any weight
         model, report, budget = load_weights(run)
-        pipe = cls(model, load_tokenizer(run.directory), run.preprocessor, run.device, run.progress, report)
+        pipe = cls(model, tokenizer, run.preprocessor, run.device, run.progress, report)
         pipe.model_id = model_id_of(run.directory)
         if run.preset is not None:
             pipe.preset = run.preset
             pipe.set_vae_tiling(run.preset.vae_tile)
         if budget is not None:
             pipe.enable_offload(budget)
-        if run.device.type == "cpu":
-            from quant.row_gemv import use_row_gemv
-
-            if run.dtype is None:
-                pipe.compute_dtype, pipe.compute_reason, pipe._fp32_compute = choose_cpu_compute(model)
-            if budget is None and pipe._fp32_compute is None:
-                pack_cpu_linears(model)  # the Yak's and ViT's weights in oneDNN's layout once (undone by paging)
-            use_row_gemv(model)  # decode's one-row dense layers (the tied head) as matrix-vector products
+        if run.device.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            pipe.cpu_plan, auto = this_machine_plan(), run.dtype is None
+            pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
+            pipe.compute_dtype = pipe.cpu_hooks.compute_dtype
+            pipe.compute_reason = pipe.cpu_plan.compute.reason if auto else None
         return pipe
 
     # -- state --------------------------------------------------------------------------------------
@@ -160,12 +166,10 @@ class OvisPipeline(ImageTasks):
         """Prompt text + images -> [1, L, H] LLM input embeddings, truncated from the left."""
         ids = tokenize_with_images(self.tokenizer, text).to(self.device)
         visual: list[torch.Tensor] = []
-        if images:
+        if images:  # through the vision cache: an edit's source image is encoded once for its two conditions
             prep = generation_vision_input if generation else preprocess_image
-            vis = concat_vision([prep(img, self.pp) for img in images])
-            vit_dtype = self.model.visual_tokenizer.backbone.preprocessor.patchifier.proj.weight.dtype
-            visual = self.model.visual_embeddings(vis.pixel_values.to(self.device, vit_dtype),
-                                                  vis.grid_thws.to(self.device))
+            visual, _ = visual_embeddings(self.model, [prep(img, self.pp) for img in images], self.device,
+                                          self.caches.vision)
         embeds = self.model.merge_multimodal(ids, visual)
         return truncate_left(embeds, self.model.config.multimodal_max_length)
 
@@ -198,45 +202,17 @@ class OvisPipeline(ImageTasks):
         wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
         stats = RunStats(task="understand", settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample})
         prompt = understanding_prompt(question, len(imgs) - earlier, history)
+        sampling = Sampling(do_sample, temperature, top_p, seed)
 
-        def generate_kwargs() -> dict[str, Any]:
+        def pieces() -> Iterator[str]:  # the token source (`lite.runtime.understanding`)
             self._phase("conditions")
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                embeds = self._llm_inputs(prompt, imgs, generation=False)
-            stats.add_phase("conditions", time.perf_counter() - t0)
-            kwargs: dict[str, Any] = dict(
-                inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-                eos_token_id=self.model.config.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-                torch.manual_seed(seed)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            return kwargs
+            yield from answer(self, prompt, imgs, sampling, max_new_tokens, stats, start)
 
         if stream:  # tokens already shown cannot be taken back, so a stream is not retried
             self.offload.prepare(wl)
-            kwargs = generate_kwargs()
-            t0 = time.perf_counter()
-
-            def finish(done: RunStats) -> None:
-                done.add_phase("answer", time.perf_counter() - t0)
-                self._finish(done, start)
-
-            return AnswerStream(stream_tokens(self.model.llm, self.tokenizer, kwargs, stats), stats, finish)
-
-        def run() -> str:
-            kwargs = generate_kwargs()
-            t0 = time.perf_counter()
-            out = generate_on(self.model.llm, kwargs, [], self.device)
-            stats.add_phase("answer", time.perf_counter() - t0)
-            stats.tokens = int(out.shape[-1])
-            return self.tokenizer.decode(out[0], skip_special_tokens=True)
-
-        answer = self.offload.run(wl, run)
-        return AnswerResult(answer, self._finish(stats, start))
+            return AnswerStream(pieces(), stats, lambda done: self._finish(done, start))
+        text = self.offload.run(wl, lambda: "".join(pieces()))
+        return AnswerResult(text, self._finish(stats, start))
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -248,6 +224,7 @@ class OvisPipeline(ImageTasks):
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
 
-            stats.machine = {**detect().to_dict(), "compute": self.compute_reason}
+            plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
+            stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats
         return stats

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lite.model.checkpoint import find_checkpoint
-from lite.model.config import OvisU1Config, PreprocessorConfig, load_config, load_preprocessor_config
-from lite.model.prequantized import is_quantized_checkpoint
+from lite.model.checkpoint import CheckpointKind, checkpoint_kind, find_checkpoint
+from lite.model.config import OvisU1Config, PreprocessorConfig
+from lite.model.preflight import check_checkpoint_files
 from lite.runtime.devices import resolve_device, resolve_dtype
 from lite.runtime.presets import Preset, get_preset
 
@@ -31,16 +31,17 @@ class ResolvedRun:
     dtype: torch.dtype | None  # None: the preset's formats (bf16 without a preset; the CPU's compute choice)
     preset: Preset | None
     budget_bytes: int | None  # the paging budget asked for; None: the preset's
-    quantized: bool  # a checkpoint written by `ovis-lite quantize` (its own formats win)
+    kind: CheckpointKind  # plain, or written by `ovis-lite quantize` (its own formats win): decided once
     vae_dtype: torch.dtype = torch.float32
     progress: bool = True
 
 
-def read_checkpoint(path: str | Path | None) -> tuple[Path, OvisU1Config, PreprocessorConfig, bool]:
-    """(directory, model config, preprocessor config checked against the ViT, pre-quantized?): each read once."""
+def read_checkpoint(path: str | Path | None) -> tuple[Path, OvisU1Config, PreprocessorConfig, CheckpointKind]:
+    """(directory, model config, preprocessor config, kind), each read once, after every file check that needs
+    no weight (`lite.model.preflight`: configs, tokenizer files, shard headers)."""
     directory = find_checkpoint(path)
-    config = load_config(directory)
-    return directory, config, load_preprocessor_config(directory, config.vision), is_quantized_checkpoint(directory)
+    config, pp = check_checkpoint_files(directory)
+    return directory, config, pp, checkpoint_kind(directory)
 
 
 def resolve(path: str | Path | None = None, device: str | torch.device = "auto",
@@ -51,5 +52,5 @@ def resolve(path: str | Path | None = None, device: str | torch.device = "auto",
     chosen = get_preset(preset) if preset is not None else None
     dev, _ = resolve_device(device, strict=True)
     compute = None if dtype in (None, "auto") else resolve_dtype(dtype)
-    directory, config, pp, quantized = read_checkpoint(path)
-    return ResolvedRun(directory, config, pp, dev, compute, chosen, budget_bytes, quantized, vae_dtype, progress)
+    directory, config, pp, kind = read_checkpoint(path)
+    return ResolvedRun(directory, config, pp, dev, compute, chosen, budget_bytes, kind, vae_dtype, progress)

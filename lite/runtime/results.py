@@ -41,6 +41,7 @@ class RunStats:
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # understanding: prefix tokens reused, caches' stats
 
     def add_phase(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + seconds
@@ -117,7 +118,7 @@ class AnswerStream:
     stream early (a closed pipe, a cancelled job) closes the source, and `done` stays False.
     """
 
-    def __init__(self, pieces: Iterator[str], stats: RunStats, finish: Callable[[RunStats], None]) -> None:
+    def __init__(self, pieces: Iterator[str], stats: RunStats, finish: Callable[[RunStats], object]) -> None:
         self._pieces = pieces
         self._parts: list[str] = []
         self._finish = finish

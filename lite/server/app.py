@@ -172,6 +172,8 @@ async def health(request: Request) -> Response:
             "path": str(server.pipe.model_id), "preset": server.preset_name, "device": server.settings.device,
             "defaults": server.defaults(), "auth": server.settings.api_key is not None,
             "limits": vars(server.limits), "queue_length": len(server.queue)}
+    hooks = getattr(server.pipe, "cpu_hooks", None)  # the CPU kernels this process runs (h1: surgical)
+    body["cpu_plan"] = hooks.plan_dict() if hooks is not None else None
     return JSONResponse(body, status_code=status)
 
 

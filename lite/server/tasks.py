@@ -27,7 +27,8 @@ def data_uri(image: Image.Image) -> str:
 
 
 def run_stats(stats: Any) -> dict[str, Any]:
-    """A result's `RunStats` as the API reports it (`RunStats.to_dict`: steps and NFE per image, as the CLI)."""
+    """A result's `RunStats` as the API reports it (`RunStats.to_dict`: steps and NFE per image, as the CLI; for
+    understanding, `cache`: prefix tokens reused and the caches' counts)."""
     out = stats.to_dict()
     for key in ("settings", "machine", "tokens"):
         out.pop(key, None)

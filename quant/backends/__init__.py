@@ -1,19 +1,22 @@
 """The backend registry: name -> backend, and the one auto chain every caller uses.
 
-Adding a format is one file in this folder (implementing `base.Backend`) plus one line below.
+Adding a format is one file in this folder (implementing `base.Backend`) plus one line below. Each backend owns
+its limits (`Backend.accepts`, as torchao's `quantize_` handlers do): given a weight's shape, the chain asks the
+backend it lands on, and a shape that backend refuses drops to the next smaller format (int4 -> int8) with the
+same backend choice ("auto" stays "auto"), rather than to a slower kernel of the same format.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..errors import QuantBackendError
-from ..spec import QuantSpec
 from . import bnb, quanto, torch_int8, torch_native
-from .base import Backend, LayerKind
+from .base import Backend, LayerKind, LayerSpec
 
 REGISTRY: dict[str, Backend] = {
     bnb.name: bnb,
@@ -24,6 +27,8 @@ REGISTRY: dict[str, Backend] = {
 
 #: Formats that only cast (or keep) a weight: every device can hold them.
 CAST_FORMATS: tuple[str, ...] = ("bf16", "fp16", "none")
+#: The format a layer takes when the backend chosen for it refuses its shape (`Backend.accepts`).
+SMALLER_FORMAT: dict[str, str] = {"int4": "int8"}
 
 
 def get_backend(name: str) -> Backend:
@@ -39,7 +44,7 @@ def auto_chain(fmt: str) -> list[tuple[str, str]]:
     return [(name, provided) for _, name, provided in sorted(steps)]
 
 
-def chain(spec: QuantSpec) -> list[tuple[str, str]]:
+def chain(spec: LayerSpec) -> list[tuple[str, str]]:
     return auto_chain(spec.format) if spec.backend == "auto" else [(spec.backend, spec.format)]
 
 
@@ -51,13 +56,35 @@ def usable(backend: str, fmt: str, device: torch.device) -> str | None:
     return None if why == "cannot quantize on the meta device" else why
 
 
-def resolve(spec: QuantSpec, device: torch.device | str = "cpu") -> QuantSpec:
-    """The spec with backend "auto" turned into the backend and format that will really run on `device`."""
+def candidates(spec: LayerSpec, device: torch.device | str = "cpu",
+               shape: tuple[int, int] | None = None) -> Iterator[tuple[LayerSpec, str | None]]:
+    """(spec resolved to one backend and format, why it cannot run or None) in the order the chain tries them.
+
+    With a `shape`, the first usable backend is asked whether it accepts that weight; where it refuses and a
+    smaller format exists, the chain goes on with that format (`SMALLER_FORMAT`) instead of the next backend.
+    """
     target = torch.device(device)
     for backend, fmt in chain(spec):
-        if usable(backend, fmt, target) is None:
-            return replace(spec, backend=backend, format=fmt)
-    raise QuantBackendError(f"no backend can hold format {spec.format!r} on {target}")
+        why = usable(backend, fmt, target)
+        if why is None and shape is not None and fmt not in CAST_FORMATS:
+            why = REGISTRY[backend].accepts(shape, fmt, target.type, replace(spec, format=fmt))
+            if why is not None and fmt in SMALLER_FORMAT:
+                yield replace(spec, backend=backend, format=fmt), why
+                yield from candidates(replace(spec, format=SMALLER_FORMAT[fmt]), target, shape)
+                return
+        yield replace(spec, backend=backend, format=fmt), why
+
+
+def resolve(spec: LayerSpec, device: torch.device | str = "cpu", shape: tuple[int, int] | None = None) -> LayerSpec:
+    """The spec with backend "auto" turned into the backend and format that will really run on `device` (for a
+    weight of `shape` [out, in] when given: see `candidates`)."""
+    reasons = []
+    for resolved, why in candidates(spec, device, shape):
+        if why is None:
+            return resolved
+        reasons.append(f"{resolved.backend}/{resolved.format}: {why}")
+    raise QuantBackendError(f"no backend can hold format {spec.format!r} on {torch.device(device)}: "
+                            + "; ".join(reasons))
 
 
 def backend_of(module: nn.Module) -> Backend | None:
@@ -82,5 +109,5 @@ def is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and backend_of(module) is None
 
 
-__all__ = ["REGISTRY", "Backend", "CAST_FORMATS", "LayerKind", "auto_chain", "backend_of", "chain", "get_backend",
-           "is_plain_linear", "layer_kind", "resolve", "usable"]
+__all__ = ["REGISTRY", "Backend", "CAST_FORMATS", "LayerKind", "LayerSpec", "SMALLER_FORMAT", "auto_chain",
+           "backend_of", "candidates", "chain", "get_backend", "is_plain_linear", "layer_kind", "resolve", "usable"]

@@ -2,7 +2,8 @@
 
 A backend turns one `[out, in]` weight into a layer (`build`), recognises its own layers (`owns`,
 `kind`), states the exact bytes a layer will occupy from shapes alone (`layout_nbytes`, used on
-`meta` models before any weight is read), and writes and reads a portable payload (`export`,
+`meta` models before any weight is read), states which weight shapes it accepts in a format on a device kind
+(`accepts`: the auto chain asks it, and drops to a smaller format where it refuses), and writes and reads a portable payload (`export`,
 `expected`, `restore`) for pre-quantized checkpoints. `auto` ranks it in the auto chain: requested
 format -> (format it provides, priority); lower priority is tried first.
 """
@@ -16,9 +17,18 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..spec import QuantSpec
-
 Shape = tuple[int, ...]
+
+
+class LayerSpec(Protocol):
+    """What a backend reads of a `quant.QuantSpec` (the spec validates itself against this registry, so the
+    backends name its fields rather than import it)."""
+
+    format: str
+    backend: str
+    group_size: int
+    compute_dtype: torch.dtype
+    double_quant: bool
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,11 @@ class Backend(Protocol):
         kind refused). Whether such a device is present here is not asked: a plan for a CUDA card made on a
         CPU-only machine must resolve the backends that card will run."""
 
+    def accepts(self, shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
+        """None when it builds an [out, in] weight in `fmt` on `device_type` with the kernel it is chosen for
+        (at `spec.compute_dtype` and `spec.group_size`), else why not; the chain then asks for the next smaller
+        format (`quant.backends.SMALLER_FORMAT`)."""
+
     def owns(self, module: nn.Module) -> bool:
         """True for a layer this backend built."""
 
@@ -89,10 +104,10 @@ class Backend(Protocol):
         """Format and group size of one of its layers."""
 
     def build(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device,
-              spec: QuantSpec, compute_dtype: torch.dtype) -> nn.Module:
+              spec: LayerSpec, compute_dtype: torch.dtype) -> nn.Module:
         """One frozen layer from one weight; only this weight is held in full precision meanwhile."""
 
-    def layout_nbytes(self, n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+    def layout_nbytes(self, n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute_dtype: torch.dtype,
                       device_type: str) -> dict[str, int]:
         """Exact bytes of the layer `build` makes for an [n, k] weight on `device_type` (see `layout`)."""
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import QuantBackendError, QuantFormatError
-from ..spec import BNB_BLOCKSIZE, QuantSpec, dtype_from_name, dtype_name
-from .base import LayerKind, Shape, element_size, layout, library_missing
+from ..formats import BNB_BLOCKSIZE, dtype_from_name, dtype_name
+from .base import LayerKind, LayerSpec, Shape, element_size, layout, library_missing
 
 name = "bnb"
 formats: tuple[str, ...] = ("nf4", "fp4")
@@ -57,6 +57,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return library_missing("bitsandbytes", _bnb, _import_error)
 
 
+def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
+    """Any shape: bnb quantizes the flattened weight in blocks of `BNB_BLOCKSIZE` (a short last block is kept)."""
+    return None
+
+
 def owns(module: nn.Module) -> bool:
     """True for a bnb Linear4bit (checked without importing bnb)."""
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
@@ -76,7 +81,7 @@ def kind(module: nn.Module) -> LayerKind:
     return LayerKind(module.weight.quant_type, name)
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: LayerSpec,
           compute_dtype: torch.dtype) -> nn.Module:
     """Quantize one weight on `device` into a Linear4bit (the fp copy lives only during the call)."""
     bnb = _load()
@@ -111,7 +116,7 @@ def export(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, fields
 
 
-def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute_dtype: torch.dtype,
                   device_type: str) -> dict[str, int]:
     """uint4 pairs of the flattened weight + fp32 absmax per 64-block + a 16-entry fp32 code; with double
     quant absmax is uint8 plus nested fp32 absmax per 256 blocks, a 256-entry code and an fp32 offset."""

@@ -16,7 +16,6 @@ the largest layer (LLM MLP: 12.6 M weights = 25 MB in bf16 + 12.6 MB of nibbles)
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -41,9 +40,9 @@ def workspace_bytes(out_features: int, in_features: int, compute_dtype: torch.dt
     return out_features * in_features * (1 + torch.finfo(compute_dtype).bits // 8)
 
 
-@functools.cache
 def dense_gemm_is_native(dtype: torch.dtype) -> bool:
-    """Whether a dense GEMM in `dtype` has a real kernel here: bf16/fp16 GEMMs without oneDNN's support
+    """Whether a dense GEMM in `dtype` has a real kernel here (oneDNN's own answer, asked per call: a flag read;
+    the one source of truth for "bf16 is native", which the runtime's CPU plan also reads): bf16/fp16 GEMMs without oneDNN's support
     for them (AVX2-only CPUs) take a fallback ~50x slower than the int4 kernel (6144x2048 at 256 rows:
     18.8 s against 0.15 s, AMD EPYC under oneDNN's AVX2 cap)."""
     probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)

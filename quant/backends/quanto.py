@@ -17,8 +17,8 @@ from torch import nn
 
 from ..int8 import SCALE_DTYPE, Int8Linear
 from ..errors import QuantBackendError, QuantFormatError
-from ..spec import QuantSpec, dtype_from_name, dtype_name, effective_group_size
-from .base import LayerKind, Shape, element_size, layout, library_missing
+from ..formats import dtype_from_name, dtype_name, effective_group_size
+from .base import LayerKind, LayerSpec, Shape, element_size, layout, library_missing
 
 name = "quanto"
 formats: tuple[str, ...] = ("int4", "int8", "fp8")
@@ -66,6 +66,19 @@ def tinygemm_ok(out_features: int, in_features: int, group_size: int | None, dty
     return device_type == "cuda"
 
 
+def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
+    """int4 on cpu/cuda only where TinyGemm runs it: elsewhere quanto's generic int4 path JIT-compiles a C++
+    extension (~26 s) and runs slower than int8, so the chain gives such a layer int8 instead."""
+    if fmt != "int4" or device_type not in ("cpu", "cuda"):
+        return None
+    out_features, in_features = shape
+    gs = effective_group_size(in_features, spec.group_size)
+    if tinygemm_ok(out_features, in_features, gs, spec.compute_dtype, device_type):
+        return None
+    return (f"quanto's TinyGemm int4 kernel needs bf16 compute, groups of 128 and (on cpu) out % 16 == 0; "
+            f"[{out_features}, {in_features}] in {dtype_name(spec.compute_dtype)} with group {gs} has not")
+
+
 def _empty_qlinear(in_features: int, out_features: int, bias: bool, fmt: str, base_dtype: torch.dtype,
                    group_size: int | None) -> nn.Module:
     q = _load()
@@ -89,10 +102,11 @@ def kind(module: nn.Module) -> LayerKind:
     return LayerKind(format_of(module), name, group_size_of(module))
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: LayerSpec,
           compute_dtype: torch.dtype) -> nn.Module:
     """Quantize one weight into a frozen quanto QLinear on `device`, base dtype = compute_dtype."""
     q = _load()
+    # optimum.quanto pulls in torch._dynamo (seconds): imported on first use, never by `import quant`.
     from optimum.quanto.tensor import AbsmaxOptimizer, MaxOptimizer, quantize_weight
 
     group_size = spec.group_size
@@ -148,7 +162,7 @@ def _unpack_uint4(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([packed & 0x0F, (packed >> 4) & 0x0F])[:rows]
 
 
-def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute_dtype: torch.dtype,
                   device_type: str) -> dict[str, int]:
     """int8/fp8: 1-byte [N, K] + scale [N, 1] + two scalar activation scales. int4: uint4 pairs, scale
     and shift per group (TinyGemm interleaves them [K/128, N, 2]; same bytes), or per row."""
@@ -194,6 +208,7 @@ def restore(entry: Mapping[str, Any], tensors: dict[str, torch.Tensor], device: 
         raise QuantFormatError(f"quanto {entry['format']} payload cannot load on {device} ({why}); "
                                "install optimum-quanto or re-export with format int8")
     q = _load()
+    # optimum.quanto pulls in torch._dynamo (seconds): imported on first use, never by `import quant`.
     from optimum.quanto.tensor import WeightQBitsTensor, WeightQBytesTensor
     from optimum.quanto.tensor.grouped import grouped_shape
 

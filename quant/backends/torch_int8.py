@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..int8 import SCALE_DTYPE, Int8Embedding, Int8Linear
-from ..spec import QuantSpec, dtype_from_name, dtype_name
-from .base import LayerKind, Shape, element_size, layout
+from ..formats import dtype_from_name, dtype_name
+from .base import LayerKind, LayerSpec, Shape, element_size, layout
 
 name = "torch"
 formats: tuple[str, ...] = ("int8", "bf16", "fp16", "none")
@@ -26,6 +26,11 @@ CAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.flo
 
 def unavailable_reason(device: torch.device) -> str | None:
     return "cannot quantize on the meta device" if device.type == "meta" else None
+
+
+def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
+    """Any shape: a row-wise int8 Linear (or a cast) holds every weight."""
+    return None
 
 
 def owns(module: nn.Module) -> bool:
@@ -46,14 +51,14 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.
     return layer
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: LayerSpec,
           compute_dtype: torch.dtype) -> nn.Module:
     if fmt == "int8":
         return Int8Linear.from_weight(weight, bias, device, compute_dtype)
     return plain_linear(weight, bias, device, CAST_DTYPES.get(fmt))
 
 
-def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute_dtype: torch.dtype,
                   device_type: str) -> dict[str, int]:
     """int8 [N, K] + fp32 scale [N]; a cast (or "none", stored in `compute_dtype`) is N*K elements."""
     if fmt in ("none", "bf16", "fp16"):

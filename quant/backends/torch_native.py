@@ -33,10 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import QuantFormatError
-from ..spec import QuantSpec, dtype_from_name, dtype_name, effective_group_size
+from ..formats import dtype_from_name, dtype_name, effective_group_size
 from . import int4_prefill
 from .int4_layouts import CPU_LAYOUTS, MAGIC, PORTABLE, pack_int4, pack_levels_, unpack_int4
-from .base import LayerKind, Shape, element_size, layout
+from .base import LayerKind, LayerSpec, Shape, element_size, layout
 
 name = "native"
 formats: tuple[str, ...] = ("int4", "int8")
@@ -157,7 +157,7 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int, param_dtype: tor
 
 
 def int4_group_size(n: int, k: int, requested: int) -> int | None:
-    """The group size an int4 layer of [n, k] gets, or None when the kernel cannot hold it (-> int8)."""
+    """The group size an int4 layer of [n, k] gets, or None when the kernel cannot hold it (`accepts`)."""
     g = effective_group_size(k, requested)
     if g is None and k in INT4_GROUP_SIZES:
         g = k
@@ -294,19 +294,34 @@ def kind(module: nn.Module) -> LayerKind:
     return LayerKind("int8", name)
 
 
+def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
+    """int4 where the packed kernel holds the shape (group 32..256 dividing in, out % 16 == 0); int8 always."""
+    n, k = shape
+    if fmt != "int4" or int4_group_size(n, k, spec.group_size) is not None:
+        return None
+    return f"torch's int4 kernel needs out % 16 == 0 and a group of {INT4_GROUP_SIZES} dividing in; [{n}, {k}] has not"
+
+
+def _int4_group_or_refuse(n: int, k: int, spec: LayerSpec) -> int:
+    why = accepts((n, k), "int4", "cpu", spec)
+    if why is not None:
+        raise QuantFormatError(why + " (the auto chain gives such a layer int8: quant.backends.resolve)")
+    return int4_group_size(n, k, spec.group_size)
+
+
 def _kernel_dtype(device_type: str, compute_dtype: torch.dtype) -> torch.dtype:
     return CPU_KERNEL_DTYPE if device_type in ("cpu", "meta") else compute_dtype
 
 
-def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: QuantSpec,
+def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: torch.device, spec: LayerSpec,
           compute_dtype: torch.dtype) -> nn.Module:
-    """Quantize one [N, K] weight on `device` (an int4 shape the kernel cannot hold becomes int8)."""
+    """Quantize one [N, K] weight on `device` (an int4 shape `accepts` refuses is refused here too)."""
     n, k = weight.shape
     kd = _kernel_dtype(device.type, compute_dtype)
     with torch.no_grad():
         w = weight.detach().to(device)
-        gs = int4_group_size(n, k, spec.group_size) if fmt == "int4" else None
-        if gs is not None:
+        if fmt == "int4":
+            gs = _int4_group_or_refuse(n, k, spec)
             b = None if bias is None else bias.to(device)
             if device.type == "cpu" and cpu_int4_layout() in CPU_LAYOUTS:
                 packed, sz = quantize_int4_groups(w, gs, kd, cpu_int4_layout())
@@ -317,13 +332,13 @@ def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: tor
         return PackedInt8Linear(q8, scale, None if bias is None else bias.to(device), compute_dtype)
 
 
-def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: QuantSpec, compute_dtype: torch.dtype,
+def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute_dtype: torch.dtype,
                   device_type: str) -> dict[str, int]:
     """int4: n*k/2 packed + (k/g)*n (scale, zero) pairs in the kernel dtype; int8: n*k + n scales."""
     kd = element_size(_kernel_dtype(device_type, compute_dtype))
     bias_bytes = n * element_size(compute_dtype) if bias else 0
-    gs = int4_group_size(n, k, spec.group_size) if fmt == "int4" else None
-    if gs is not None:
+    if fmt == "int4":
+        gs = _int4_group_or_refuse(n, k, spec)
         groups = (k // gs) * n
         return layout(n * k // 2, scales=groups * kd, zeros=groups * kd, bias=bias_bytes)
     return layout(n * k, scales=n * kd, bias=bias_bytes)
