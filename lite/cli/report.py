@@ -49,7 +49,7 @@ def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
                        "seconds": round(stats.seconds, 3), "steps": stats.steps, "nfe": stats.nfe,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
-                       "phases": stats.to_dict()["phases"], **_machine_and_plan(stats)})
+                       "phases": stats.to_dict()["phases"], "cache": stats.cache, **_machine_and_plan(stats)})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -59,7 +59,7 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
-                       "phases": stats.to_dict()["phases"], **_machine_and_plan(stats)})
+                       "phases": stats.to_dict()["phases"], "cache": stats.cache, **_machine_and_plan(stats)})
 
 
 def count_tokens(stats: Any, tokenizer: Any, answer: str) -> int:

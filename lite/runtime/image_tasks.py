@@ -22,6 +22,8 @@ from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.modeling_yak import RefinedText
 from lite.model.processing import generation_prompt
+from lite.runtime.caches import RuntimeCaches
+from lite.runtime.condition_cache import refined_condition
 from lite.runtime.denoise import PRESET, Condition, Denoised, StepCallback, flow_timesteps, guided_denoise
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset
@@ -41,6 +43,7 @@ class ImageTasks:
     preset: Preset | None
     model_id: str
     offload: OffloadSession
+    caches: RuntimeCaches
     _phase: Callable[[str], None]
     _bar: Callable[[int, str], Any]
     _llm_inputs: Callable[[str, list[Image.Image], bool], torch.Tensor]
@@ -64,8 +67,8 @@ class ImageTasks:
         t0 = time.perf_counter()
         out: dict[str, Condition] = {}
         with self._bar(len(branches), "conditions") as bar:
-            for name, content, img in branches:
-                out[name] = self.condition(content, img)
+            for name, content, img in branches:  # cached by (content, image): a repeat skips ViT, LLM and refiner
+                out[name] = Condition(refined_condition(self.caches.conditions, content, img, self.condition))
                 bar.update(1)
         stats.add_phase("conditions", time.perf_counter() - t0)
         return out

@@ -220,6 +220,7 @@ class OvisPipeline(ImageTasks):
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect
