@@ -93,7 +93,7 @@ def test_understanding_answers_and_streams(pipe):
     assert not stream.done
     assert "".join(stream) == answer.text == stream.text and stream.done
     assert stream.stats.tokens == answer.stats.tokens > 0
-    assert set(stream.stats.phases) == set(answer.stats.phases) == {"conditions", "answer"}
+    assert set(stream.stats.phases) == set(answer.stats.phases) >= {"prefill", "decode"}
 
 
 def test_generation_is_deterministic(pipe):
@@ -126,7 +126,12 @@ def test_multi_image_isolation(pipe):
     assert not torch.equal(embeds[0][1], embeds[1][1])
 
 
-def test_refiner_runs_once_per_condition(pipe):
+def test_refiner_runs_once_per_condition(pipe, monkeypatch):
+    from lite.runtime.caches import RuntimeCaches
+
+    caches = RuntimeCaches()
+    caches.set_enabled(False)  # each condition computed here (the condition cache would reuse earlier tests')
+    monkeypatch.setattr(pipe, "caches", caches)
     calls = []
     handle = pipe.model.visual_generator.backbone.txt_in.register_forward_hook(lambda *_: calls.append(1))
     try:

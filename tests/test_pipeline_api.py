@@ -60,6 +60,11 @@ def test_num_images_uses_consecutive_seeds(pipe):
 
 def test_the_negative_prompt_replaces_the_unconditional_text(pipe, monkeypatch):
     seen: list[str] = []
+    from lite.runtime.caches import RuntimeCaches
+
+    caches = RuntimeCaches()
+    caches.set_enabled(False)  # every condition computed here (the condition cache would reuse earlier ones)
+    monkeypatch.setattr(pipe, "caches", caches)
     original = pipe.condition
     monkeypatch.setattr(pipe, "condition", lambda content, image: (seen.append(content), original(content, image))[1])
     pipe.generate("a fox", width=32, height=32, steps=1, negative_prompt="blurry")

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from lite import __version__
+from lite.version import __version__
 from lite.errors import ArgumentTypeError, InputError, OutputError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -58,8 +58,8 @@ class Server:
         self.queue = JobQueue(settings.limits.max_queue, on_finish=self._finished)
         self.started = time.time()
 
-    def _finished(self, job: Job) -> None:
-        result = job.future.result() if job.state == "done" else None
+    def _finished(self, job: Job, result: Any) -> None:
+        """The stats of the job's result (its client may already hold the result itself)."""
         self.metrics.job_finished(job.task, job.state, result.get("stats") if isinstance(result, dict) else None)
 
     @property
