@@ -24,8 +24,10 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
     size = f" {stats.width}x{stats.height}" if stats.width else ""
     counts = f", {stats.counts()}" if stats.counts() else ""
     dest = f" -> {output}" if output else ""
+    host = (f" (run: anonymous {format_bytes(stats.peak_anon_bytes)}, mapped {format_bytes(stats.peak_mapped_bytes)})"
+            if stats.peak_anon_bytes else "")
     say(args, f"ovis-lite: {stats.task}{size}{counts} in {stats.seconds:.1f} s, host peak "
-              f"{format_bytes(stats.peak_rss_bytes)}{dev}{extra}{dest}")
+              f"{format_bytes(stats.peak_rss_bytes)}{host}{dev}{extra}{dest}")
 
 
 def load_report_cpu(pipe: Any) -> list[str]:
@@ -48,6 +50,7 @@ def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
                        "seconds": round(stats.seconds, 3), "steps": stats.steps, "nfe": stats.nfe,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
+                       "peak_anon_bytes": stats.peak_anon_bytes, "peak_mapped_bytes": stats.peak_mapped_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
                        "phases": stats.to_dict()["phases"], "cache": stats.cache, **_machine_and_plan(stats)})
 

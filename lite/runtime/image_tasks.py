@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lite.memory import reset_device_peak
 from lite.model import latents
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -48,6 +47,7 @@ class ImageTasks:
     _bar: Callable[[int, str], Any]
     _llm_inputs: Callable[[str, list[Image.Image], bool], torch.Tensor]
     _finish: Callable[[RunStats, float], RunStats]
+    _start_peaks: Callable[[], None]
     sampling_defaults: Callable[[], dict[str, Any]]
     workload: Callable[..., Workload]
 
@@ -110,7 +110,7 @@ class ImageTasks:
         """Conditions once, then per image: noise from its seed, denoise, decode (stopping where told to)."""
         width, height = req.size
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         stats = RunStats(task=req.task, steps=req.steps, width=width, height=height)
         nfe = self.planned_nfe(req.task, req.steps, req.solver, req.spacing, req.guidance.interval, width * height)
         stopped = False

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from lite.errors import InputError
-from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lite.memory import HostPeakSampler, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model.checkpoint import LoadReport, model_id_of
 from lite.model.config import PreprocessorConfig
 from lite.model.images import as_images
@@ -36,6 +36,7 @@ from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
 from lite.runtime.cpu.plan import CpuPlan
 from lite.runtime.cpu.probes import this_machine_plan
 from lite.runtime.decode import Sampling
+from lite.runtime.host_pages import PhasePageRelease
 from lite.runtime.devices import dtype_label
 from lite.runtime.image_tasks import ImageTasks
 from lite.runtime.loading import load_weights
@@ -65,6 +66,7 @@ class OvisPipeline(ImageTasks):
         self.load_report = load_report
         self.phase_listeners: list[PhaseListener] = []
         self.last_run: RunStats | None = None  # a convenience: the stats of the last finished call (its result's)
+        self._host_peaks: HostPeakSampler | None = None  # the running call's host memory sampler
         self.model_id = "AIDC-AI/Ovis-U1-3B"
         self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
         self.preset: Preset | None = None
@@ -104,6 +106,8 @@ class OvisPipeline(ImageTasks):
         if budget is not None:
             pipe.enable_offload(budget)
         if run.device.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            if budget is None:  # each phase's unused checkpoint pages leave the RSS (lite.runtime.host_pages)
+                pipe.phase_listeners.append(PhasePageRelease(model))
             pipe.cpu_plan, auto = this_machine_plan(), run.dtype is None
             pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
             pipe.compute_dtype = pipe.cpu_hooks.compute_dtype
@@ -196,7 +200,7 @@ class OvisPipeline(ImageTasks):
             raise InputError(f"the history's turns have {earlier} image(s) but only {len(imgs)} were given; pass "
                              "the whole conversation's images, earlier turns first")
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         w = max((img.size[0] for img in imgs), default=448)
         h = max((img.size[1] for img in imgs), default=448)
         wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
@@ -216,10 +220,20 @@ class OvisPipeline(ImageTasks):
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
+    def _start_peaks(self) -> None:
+        """Reset the device peak; sample the host's anonymous and mapped peaks until `_finish`."""
+        reset_device_peak(self.device)
+        if self._host_peaks is not None:
+            self._host_peaks.stop()  # a run that raised never reached `_finish`
+        self._host_peaks = HostPeakSampler(interval=0.02, exact=False).start()
+
     def _finish(self, stats: RunStats, start: float) -> RunStats:
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        if self._host_peaks is not None:
+            host, self._host_peaks = self._host_peaks.stop(), None
+            stats.peak_anon_bytes, stats.peak_mapped_bytes = host.peak_anon, host.peak_mapped
         stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":

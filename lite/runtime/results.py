@@ -20,7 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from lite.runtime.outputs import image_metadata, save_image
+from lite.runtime.metadata import image_metadata
+from lite.runtime.outputs import save_image
 
 
 @dataclass
@@ -36,7 +37,9 @@ class RunStats:
     width: int = 0
     height: int = 0
     peak_device_bytes: int | None = None
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's high-water mark (VmHWM): the load's peak included
+    peak_anon_bytes: int = 0  # during the run: anonymous (heap, converted weights, activations) ...
+    peak_mapped_bytes: int = 0  # ... and file-backed (checkpoint pages a phase reads, libraries)
     tokens: int = 0  # understanding: generated tokens
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)

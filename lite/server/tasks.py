@@ -39,7 +39,7 @@ def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
     """generate or edit N images; the step callback reports progress (and previews) and honours cancel."""
 
     def run(job: Job) -> dict[str, Any]:
-        state = {"image": 0, "last": 0}
+        state = {"image": 1, "last": 0}  # "image" counts from 1, as "step" does (the page's bar relies on it)
 
         def callback(step: int, total: int, latent: Any) -> bool | None:
             if job.cancelled:
