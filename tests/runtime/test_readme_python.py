@@ -24,7 +24,7 @@ def readme_python_block() -> str:
 
 
 def test_the_readme_python_block_runs_as_written(tiny_dir, tmp_path, monkeypatch):
-    from lite.runtime.outputs import read_metadata
+    from lite.runtime.metadata import read_metadata
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OVIS_LITE_MODEL", str(tiny_dir))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lite.errors import OutputError
-from lite.runtime.outputs import read_metadata
+from lite.runtime.metadata import read_metadata
 from lite.runtime.results import AnswerStream, ImageResult, RunStats
 
 
