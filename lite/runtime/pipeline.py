@@ -76,7 +76,8 @@ class OvisPipeline(ImageTasks):
         self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
         self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
-        self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message))
+        self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message),
+                                      held=lambda: self.caches.bytes, release=lambda: self.caches.clear())
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
