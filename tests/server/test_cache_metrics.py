@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from lite.runtime.caches import RuntimeCaches
 from lite.server.metrics import Metrics
 
@@ -14,8 +12,8 @@ def test_metrics_carry_each_caches_counts_in_json_and_prometheus() -> None:
     caches.conditions.get("a")
     caches.conditions.get("b")
     caches.vision.put("v", "V", 30)
-    stats = SimpleNamespace(task="t2i", seconds=1.0, nfe=2, width=32, height=32, peak_device_bytes=None,
-                            peak_rss_bytes=5, cache={"prefix_tokens_reused": 0, **caches.stats()})
+    stats = {"task": "t2i", "seconds": 1.0, "nfe": 2, "width": 32, "height": 32, "peak_device_bytes": None,
+             "peak_rss_bytes": 5, "cache": {"prefix_tokens_reused": 0, **caches.stats()}}  # tasks.run_stats
     metrics = Metrics()
     metrics.job_finished("t2i", "done", stats)
     snap = metrics.snapshot(queue_length=0, running=False, uptime=1.0)
