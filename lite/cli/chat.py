@@ -110,8 +110,8 @@ def _ask(pipe: Any, conv: Conversation, question: str, args: argparse.Namespace,
     conv.images.extend(img for _, img in new)
     conv.image_paths.extend(path for path, _ in new)
     conv.history.append(Turn(question, answer, num_images=len(new)))
-    tokens = count_tokens(pipe, answer)
-    stats = pipe.last_run
+    stats = pieces.stats
+    tokens = count_tokens(stats, pipe.tokenizer, answer)
     summary(args, stats, None, f", {tokens} tokens")
     if args.json:
         print(answer_result(stats, answer, tokens, preset, seed if args.sample else None), flush=True)

@@ -136,7 +136,7 @@ def load(args: argparse.Namespace) -> Any:
         args.vram = types.size(args.vram) if isinstance(args.vram, str) else args.vram
         args.ram = types.size(args.ram) if isinstance(args.ram, str) else args.ram
     run = resolve_run(args, "t2i", 1024, 1024)
-    run.progress = False  # bars would only clutter a server's log
+    run.resolved.progress = False  # bars would only clutter a server's log
     return load_pipeline(run, args)
 
 
