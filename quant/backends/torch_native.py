@@ -296,16 +296,14 @@ def kind(module: nn.Module) -> LayerKind:
 
 def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
     """int4 where the packed kernel holds the shape (group 32..256 dividing in, out % 16 == 0); int8 always."""
-    n, k = shape
-    if fmt != "int4" or int4_group_size(n, k, spec.group_size) is not None:
+    if fmt != "int4" or int4_group_size(*shape, spec.group_size) is not None:
         return None
-    return f"torch's int4 kernel needs out % 16 == 0 and a group of {INT4_GROUP_SIZES} dividing in; [{n}, {k}] has not"
+    return f"torch's int4 kernel needs out % 16 == 0 and a group of {INT4_GROUP_SIZES} dividing in, not {list(shape)}"
 
 
-def _int4_group_or_refuse(n: int, k: int, spec: LayerSpec) -> int:
-    why = accepts((n, k), "int4", "cpu", spec)
-    if why is not None:
-        raise QuantFormatError(why + " (the auto chain gives such a layer int8: quant.backends.resolve)")
+def _int4_group(n: int, k: int, spec: LayerSpec) -> int:
+    if (why := accepts((n, k), "int4", "cpu", spec)) is not None:
+        raise QuantFormatError(f"{why} (quant.backends.resolve gives such a layer int8)")
     return int4_group_size(n, k, spec.group_size)
 
 
@@ -321,7 +319,7 @@ def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: tor
     with torch.no_grad():
         w = weight.detach().to(device)
         if fmt == "int4":
-            gs = _int4_group_or_refuse(n, k, spec)
+            gs = _int4_group(n, k, spec)
             b = None if bias is None else bias.to(device)
             if device.type == "cpu" and cpu_int4_layout() in CPU_LAYOUTS:
                 packed, sz = quantize_int4_groups(w, gs, kd, cpu_int4_layout())
@@ -338,7 +336,7 @@ def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute
     kd = element_size(_kernel_dtype(device_type, compute_dtype))
     bias_bytes = n * element_size(compute_dtype) if bias else 0
     if fmt == "int4":
-        gs = _int4_group_or_refuse(n, k, spec)
+        gs = _int4_group(n, k, spec)
         groups = (k // gs) * n
         return layout(n * k // 2, scales=groups * kd, zeros=groups * kd, bias=bias_bytes)
     return layout(n * k, scales=n * kd, bias=bias_bytes)
