@@ -76,9 +76,18 @@ def check_probability(name: str, value: object) -> float:
     return check_finite(name, value, low=0.0, high=1.0, low_open=True)
 
 
+#: The smallest sampling temperature: below it logits/temperature overflows to inf and sampling fails
+#: (5e-324 did); such a temperature is greedy decoding in all but name.
+MIN_TEMPERATURE = 1e-3
+
+
 def check_temperature(value: object, name: str = "temperature") -> float:
-    """A sampling temperature: finite and > 0 (greedy decoding is `do_sample=False`, not 0)."""
-    return check_finite(name, value, low=0.0, low_open=True)
+    """A sampling temperature: finite and >= MIN_TEMPERATURE (greedy decoding is `do_sample=False`, not 0)."""
+    number = check_finite(name, value, low=0.0, low_open=True)
+    if number < MIN_TEMPERATURE:
+        raise InputError(f"{name} must be >= {MIN_TEMPERATURE:g} (a smaller one overflows the logits), got "
+                         f"{shown(value)}; for greedy decoding, do not sample")
+    return number
 
 
 def check_seed(value: object, name: str = "seed", allow_none: bool = True) -> int | None:
@@ -116,6 +125,18 @@ def check_text(name: str, text: object) -> str:
         raise ArgumentTypeError(f"{name} must be a string, got {shown(text)} ({_type_name(text)})")
     if not text.strip():
         raise InputError(f"{name} is empty; give a non-empty {name}")
+    check_encodable(name, text)
+    return text
+
+
+def check_encodable(name: str, text: str) -> str:
+    """Text that is valid Unicode: a lone surrogate (half a UTF-16 pair, e.g. from JSON "\\ud800" or an
+    undecodable command-line byte) cannot be tokenized, written to metadata or sent back as JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{name} holds an invalid character (a lone surrogate, {shown(text[exc.start])}, at "
+                         f"position {exc.start}); send valid UTF-8 text") from None
     return text
 
 

@@ -45,7 +45,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int, int]:
     # memory-mapped file share a storage, while tied weights share the pointer itself.
     if t.device.type == "meta":
         return ("meta", id(t), 0)
-    if t.is_mkldnn:  # oneDNN's packed layout (quant.prepack) has no storage to point at
+    if t.is_mkldnn:  # oneDNN's packed layout (lite/runtime/cpu/prepack.py) has no storage to point at
         return ("mkldnn", id(t), t.numel() * t.element_size())
     return (str(t.device), t.data_ptr(), t.numel() * t.element_size())
 

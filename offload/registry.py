@@ -80,7 +80,12 @@ class HookRegistry:
     def register(self, name: str, hook: ModuleHook) -> ModuleHook:
         if name in self._hooks:
             raise ValueError(f"{type(self.module).__name__} already has a hook named {name!r}")
-        hook.attach(self.module)
+        try:
+            hook.attach(self.module)
+        except BaseException:
+            if not self._hooks:  # nothing hooked: the module keeps no empty registry
+                object.__delattr__(self.module, _ATTRIBUTE)
+            raise
         self._hooks[name] = hook
         self._rewire()
         return hook

@@ -3,6 +3,11 @@
 Per-output-row absmax scales in fp32 (q = round(w / s), s = max|w_row| / 127). The matmul
 multiplies by the int8 values cast to the compute dtype (exact: |q| <= 127 fits every float
 format) and applies the row scale to the output, so no scaled full-precision weight is stored.
+
+A call of a few rows on CPU (a decoded token through the tied LM head) instead streams the int8
+bytes through torch's weight-only kernel `_weight_int8pack_mm`: casting a 151936x2048 table per
+token would read and write 0.9 GB, the kernel reads the 0.31 GB once (half of the bf16 head's bytes;
+AMD EPYC Zen 5, 2 threads: 36 ms against 49 ms for the fastest bf16 GEMV, scripts/bench_llm_peer.py).
 """
 
 from __future__ import annotations
@@ -12,6 +17,19 @@ from torch import nn
 from torch.nn import functional as F
 
 SCALE_DTYPE = torch.float32
+#: Calls of at most this many rows on CPU take the packed int8 kernel (decode); more rows cast the weight
+#: once per call and run a dense GEMM, where the packed kernel is ~4x slower (quant/backends/torch_native.py).
+KERNEL_MAX_ROWS = 32
+#: The CPU kernel is fast only with bf16 activations (its fp32 path is scalar).
+KERNEL_DTYPE = torch.bfloat16
+
+
+def _packed_kernel_ok(x: torch.Tensor, qweight: torch.Tensor, in_features: int) -> bool:
+    """Whether `torch._weight_int8pack_mm` can take this call: CPU, few rows, a 16-byte aligned weight
+    (the kernel crashes on an 8- but not 16-byte aligned one, torch 2.13)."""
+    return (x.device.type == "cpu" and qweight.device.type == "cpu" and x.is_floating_point()
+            and x.numel() <= KERNEL_MAX_ROWS * in_features and qweight.data_ptr() % 16 == 0
+            and qweight.is_contiguous() and hasattr(torch, "_weight_int8pack_mm"))
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +82,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype
-        y = F.linear(x.to(cd), self.qweight.to(cd)) * self.scale.to(cd)
+        if _packed_kernel_ok(x, self.qweight, self.in_features):
+            x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(KERNEL_DTYPE))
+            y = y.to(cd).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x.to(cd), self.qweight.to(cd)) * self.scale.to(cd)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype) if x.dtype.is_floating_point else y

@@ -57,6 +57,7 @@ from lite.runtime.cpu.prepack import use_packed_linears  # noqa: E402
 from lite.runtime.cpu.probes import this_machine_plan  # noqa: E402
 from lite.runtime.cpu.row_gemv import use_row_gemv  # noqa: E402
 from lite.runtime.cpu.threads import configure_threads  # noqa: E402
+from lite.runtime.decode_threads import CoreWindow  # noqa: E402
 from offload.accounting import module_nbytes  # noqa: E402
 from quant import QuantSpec, quantize  # noqa: E402
 
@@ -257,7 +258,7 @@ def vit_section(cfg: Any, quick: bool, compute: torch.dtype, rounds: int) -> dic
     shapes = record_linear_shapes(vit, run(torch.bfloat16))
     attention = record_attention_shapes(run(torch.bfloat16))
 
-    def after() -> float:  # unpacked, as in the runtime: a checkpoint's bf16 ViT is memory-mapped (quant/prepack.py)
+    def after() -> float:  # unpacked, as in the runtime: a checkpoint's bf16 ViT is memory-mapped (lite/runtime/cpu/prepack.py)
         if compute == torch.bfloat16:
             return timed(run(torch.bfloat16))
         with use_fp32_compute(vit):
@@ -330,6 +331,8 @@ def llm_section(cfg: Any, quick: bool, plan: CpuPlan, rounds: int, bandwidth: fl
             model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         caches[label] = cache
 
+    chosen: list[int] = []
+
     def decode(label: str) -> Callable[[], float]:
         def go() -> float:
             cache = caches[label]
@@ -337,8 +340,13 @@ def llm_section(cfg: Any, quick: bool, plan: CpuPlan, rounds: int, bandwidth: fl
             if extra > 0:
                 cache.crop(-extra)
             tok = torch.randint(0, 1000, (1, 1))
-            with hw.decode_threads():
+            before = torch.get_num_threads()  # as the runtime's decode: threads per call from the load now
+            chosen.append(CoreWindow.start().decode_threads(before)[0])
+            torch.set_num_threads(chosen[-1])
+            try:
                 return timed(lambda: models[label](tok, past_key_values=cache, use_cache=True))
+            finally:
+                torch.set_num_threads(before)
         return go
 
     m = interleave({"prefill_before": prefill("before"), "prefill_after": prefill("after"),
@@ -355,7 +363,7 @@ def llm_section(cfg: Any, quick: bool, plan: CpuPlan, rounds: int, bandwidth: fl
         "decode_ms": {"before": m["decode_before"] * 1e3, "after": m["decode_after"] * 1e3},
         "decode_bytes_per_token": per_token,
         "decode_fraction_of_bandwidth": {k: per_token[k] / (bandwidth * 1e9) / m[f"decode_{k}"] for k in models},
-        "decode_threads": hw.decode_thread_count(),
+        "decode_threads": sorted(set(chosen)),  # the counts the per-call choice took during the measurement
     })
     if fp32_handle is not None:
         fp32_handle.remove()

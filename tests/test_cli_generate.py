@@ -92,10 +92,10 @@ def test_prompt_file_from_stdin_random_seed_and_pattern(capsys, tmp_path, fast, 
     assert code == 0, err
     results = [json.loads(line) for line in stdout.strip().splitlines()]
     assert [r["output"] for r in results] == [str(tmp_path / "b-00.png"), str(tmp_path / "b-01.png")]
-    assert results[0]["seed"] == results[1]["seed"]  # every prompt starts at the same seed
+    assert results[0]["seed"] != results[1]["seed"]  # `random`: each prompt draws its own seed
     metas = [json.loads(Image.open(r["output"]).text["ovis-lite"]) for r in results]
     assert [m["prompt"] for m in metas] == ["a red fox", "a blue bird"]
-    assert all(m["seed"] == results[0]["seed"] for m in metas)
+    assert [m["seed"] for m in metas] == [r["seed"] for r in results]
 
 
 def test_config_from_metadata_reruns_and_explicit_options_win(capsys, tmp_path, tiny_dir):

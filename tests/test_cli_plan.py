@@ -31,7 +31,7 @@ def test_plan_with_a_preset_and_another_budget(capsys):
 def test_a_budget_alone_falls_back_to_a_preset_that_fits(capsys, task):
     """The README's examples: bf16 cannot fit 4 GB at 1024x1024, so the most precise fitting preset plans."""
     budget = "4GB" if task == "t2i" else "3GB"
-    result = run_json(capsys, "plan", "--task", task, "--budget", budget)
+    result = run_json(capsys, "plan", "--task", task, "--budget", budget, "--device", "cuda")
     assert result["planned_peak_bytes"] <= int(budget[0]) * GiB
     assert result["preset"] in PRESETS and result["note"] and "bf16 needs" in result["note"]
     order = [p.name for p in PRESETS.values() if p.offload and p.budget_bytes]

@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import re
 import shlex
-import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +74,6 @@ def workdir(tmp_path, monkeypatch):
     for name, size in (("cat.png", (64, 48)), ("a.png", (48, 64)), ("b.png", (64, 64))):
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / name)
     (tmp_path / "prompts.txt").write_text("a red fox\n\na blue bird\n")
-    shutil.copy(str(resources.files("lite").joinpath("data/config.json")), tmp_path / "config.json")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -85,7 +82,8 @@ def test_readme_lists_the_commands_it_documents():
     commands = [c for c, _ in readme_commands()]
     for needle in ("ovis-lite ask ", "ovis-lite chat", "ovis-lite generate ", " -b 3", "--negative-prompt",
                    "--prompt-file", "--config-from-metadata", "--preview ", "ovis-lite edit ",
-                   "ovis-lite plan --task t2i", "ovis-lite plan --task edit --budget 3GB",
+                   "ovis-lite plan --task t2i", "ovis-lite plan --task edit --budget 3GB --device cuda",
+                   "ovis-lite plan --task t2i --ram 8GB", "ovis-lite generate -p ",
                    "ovis-lite plan --preset tiny --budget 3GB", "ovis-lite presets", "ovis-lite quantize"):
         assert any(needle in c for c in commands), needle
     assert "huggingface-cli" not in README.read_text() and "hf download AIDC-AI/Ovis-U1-3B" in README.read_text()

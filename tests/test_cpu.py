@@ -146,15 +146,6 @@ def test_configure_threads_in_a_fresh_process() -> None:
         threads.configure_threads(0)
 
 
-def test_decode_threads_restores_and_picks_a_measured_count() -> None:
-    before = torch.get_num_threads()
-    with hw.decode_threads() as n:
-        assert n in (1, hw.intra_threads()) and torch.get_num_threads() == n
-    assert torch.get_num_threads() == before
-    times = hw.measure_decode_threads(rounds=1, calls=2, shape=(256, 256))
-    assert set(times) == {1, hw.intra_threads()} and all(t > 0 for t in times.values())
-
-
 # ----------------------------------------------------------------------------- bf16 storage, fp32 compute
 
 class _Block(nn.Module):
@@ -248,7 +239,7 @@ def test_hardware_module_imports_without_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-# -- one-row dense layers as torch.mv (quant/row_gemv.py) -----------------------------------------
+# -- one-row dense layers as torch.mv (lite/runtime/cpu/row_gemv.py) -----------------------------------------
 
 def _kernels(fn) -> set[str]:
     from torch.profiler import profile

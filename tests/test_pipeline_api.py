@@ -105,8 +105,10 @@ def test_a_conversation_has_one_image_list_and_the_reference_template(pipe, monk
     monkeypatch.setattr(processing, "tokenize_with_images", lambda tok, text: (prompts.append(text),
                         _TOKENIZE(tok, text))[1])
     import lite.runtime.pipeline as pipeline_module
+    import lite.runtime.understanding as understanding_module
 
     monkeypatch.setattr(pipeline_module, "tokenize_with_images", processing.tokenize_with_images)
+    monkeypatch.setattr(understanding_module, "tokenize_with_images", processing.tokenize_with_images)
     other = SRC.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     history = [Turn("What is it?", "a cat", num_images=1)]
     pipe.understand([SRC, other], "And this one?", max_new_tokens=2, history=history)

@@ -115,7 +115,7 @@ def test_plan_command_json(capsys):
     # bf16 weights with the reference's fp32, untiled VAE: a 512x512 edit pages to fit 3 GB
     # (at 1024x1024 its decode alone needs more than 3 GB, see test_plan_refuses_an_impossible_budget).
     assert main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--task", "edit", "--width", "512",
-                 "--height", "512", "--budget", "3GB", "--json"]) == 0
+                 "--height", "512", "--budget", "3GB", "--device", "cuda", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("budget_bytes", "planned_peak_bytes", "resident_weight_bytes", "paged_units", "nfe"):
         assert key in result
@@ -124,7 +124,7 @@ def test_plan_command_json(capsys):
 
 
 def test_plan_refuses_an_impossible_budget(capsys):
-    code = main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--budget", "1GB"])
+    code = main(["plan", "--config", str(REAL_CONFIG / "config.json"), "--budget", "1GB", "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and "smallest budget that works" in err and err.count("\n") == 1
 

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from lite.errors import ArgumentTypeError, InputError, OutputError
-from lite.runtime.outputs import check_output_path, format_metadata, read_metadata, save_image
+from lite.runtime.metadata import format_metadata, read_metadata
+from lite.runtime.outputs import check_output_path, save_image
 from tests.reliability_support import run_cli, tree_snapshot
 
 

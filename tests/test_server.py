@@ -102,7 +102,7 @@ def test_page_health_models_metrics(client: httpx.Client) -> None:
 
 
 def test_generation_matches_python_api_and_carries_cli_metadata(client: httpx.Client, pipe, tmp_path: Path) -> None:
-    from lite.runtime.outputs import read_metadata
+    from lite.runtime.metadata import read_metadata
 
     r = client.post("/v1/images/generations", json={"prompt": "a red fox", "size": "64x64", "n": 2, "steps": 2,
                                                     "seed": 7, "negative_prompt": "blurry", "txt_cfg": 4.0,
@@ -354,7 +354,7 @@ def test_oom_and_bugs_in_a_job_leave_the_server_up(pipe, monkeypatch, capfd) -> 
     body = {"prompt": "a fox", "size": "64x64", "steps": 1}
     real = pipe.generate
     try:
-        with TestClient(app) as tc:
+        with TestClient(app, base_url="http://127.0.0.1") as tc:  # a loopback Host, as a real client sends
             monkeypatch.setattr(pipe, "generate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
             err = assert_error(tc.post("/v1/images/generations", json=body), 503)
             assert err["code"] == "out_of_memory"

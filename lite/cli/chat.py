@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lite.cli.report import answer_result, count_tokens, notice, say, summary, user_error_line
-from lite.cli.run import resolve_seed, stream_answer
+from lite.cli.run import resolve_decoding, resolve_seed, stream_answer
 from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
 from lite.cli.types import utf8_problem
 
@@ -122,6 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lite.model.images import load_image
     from offload.errors import UserError
 
+    resolve_decoding(args)  # a temperature > 0 samples, as in `ask`, the API and the page
     paths = [*args.image, *args.images]  # attached to the first question
     conv = Conversation()
     conv.pending = [(p, load_image(p)) for p in paths]

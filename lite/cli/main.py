@@ -159,6 +159,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ovis-lite: error: {user_error_line(exc)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except FileExistsError as exc:  # an exclusive create lost to another writer
-        print(f"ovis-lite: error: {exc.filename or exc} already exists; choose another name or pass --overwrite",
-              file=sys.stderr, flush=True)
+        what = f"{exc.filename} already exists" if exc.filename else str(exc)
+        print(f"ovis-lite: error: {what}; choose another name or pass --overwrite", file=sys.stderr, flush=True)
         return EXIT_USAGE

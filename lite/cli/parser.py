@@ -50,6 +50,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--prompt` must never be taken as `--prompt-file`
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -82,15 +83,17 @@ def _image_options(p: argparse.ArgumentParser, task: str) -> None:
     txt_cfg = 5.0 if task == "t2i" else 6.0
     p.add_argument("-o", "--output", help="output image; .png keeps the metadata; with several images "
                                           "out.png, out-1.png, ... or a %%d pattern such as out-%%03d.png "
-                                          "(default: required)")
+                                          "(default: the first free name of output.png, output-1.png, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-b", "--num-images", type=types.bounded_int(1, 1000), default=1,
                    help="images per prompt, with seeds SEED, SEED+1, ...")
-    p.add_argument("--seed", type=types.seed, help="noise seed, 0..2**63-1, or `random` (the seed used is "
-                                                   "written to the metadata and --json; default: 42)")
+    p.add_argument("-s", "--seed", type=types.seed, help="noise seed, 0..2**63-1, or `random` / -1 (each "
+                                                         "prompt draws its own; the seed used is written to the "
+                                                         "metadata and --json; default: 42)")
     p.add_argument("--steps", type=types.bounded_int(1, 1000),
                    help="denoising steps (default: the preset's; the reference uses 50)")
-    p.add_argument("--txt-cfg", type=types.finite_float(0, 100), help=f"text guidance scale (default: {txt_cfg})")
+    p.add_argument("--txt-cfg", "--cfg-scale", type=types.finite_float(0, 100),
+                   help=f"text guidance scale (default: {txt_cfg})")
     if task == "edit":
         p.add_argument("--img-cfg", type=types.finite_float(0, 100), help="image guidance scale (default: 1.5)")
     branches = ("the no_both pass" if task == "t2i" else
@@ -105,7 +108,8 @@ def _image_options(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--cfg-interval", type=types.finite_float(0, 1), nargs=2, metavar=("T_LO", "T_HI"),
                    help="apply guidance only for t in [T_LO, T_HI], t=1 is noise (default: the preset's)")
     p.add_argument("--prompt-file", metavar="FILE",
-                   help="one prompt per line, one run each (blank lines skipped); - reads stdin (default: none)")
+                   help="one prompt per line, one run each (blank lines and lines starting with # skipped); "
+                        "- reads stdin (default: none)")
     p.add_argument("--preview", metavar="PATH", help="write a cheap decoded preview of the latent to PATH "
                                                      "while denoising (default: none)")
     p.add_argument("--preview-every", type=types.bounded_int(1), default=1, metavar="K",
@@ -120,12 +124,15 @@ def _ask_options(p: argparse.ArgumentParser) -> None:
                    help="an image to ask about; repeat it for several (default: none)")
     p.add_argument("--max-new-tokens", type=types.bounded_int(1), default=1024,
                    help="most tokens in an answer; refused past the model's context")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=types.finite_float(0, 100, low_open=True), default=0.7,
-                   help="sampling temperature, with --sample")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (at temperature 0.7 "
+                                                         "unless --temperature is given)")
+    p.add_argument("--temperature", type=types.finite_float(0, 100),
+                   help="sampling temperature; > 0 samples (as the API and the page do), 0 decodes greedily "
+                        "(default: greedy; 0.7 with --sample)")
     p.add_argument("--top-p", type=types.finite_float(0, 1, low_open=True), default=0.9,
-                   help="nucleus sampling mass, with --sample")
-    p.add_argument("--seed", type=types.seed, default=42, help="sampling seed, with --sample (or `random`)")
+                   help="nucleus sampling mass, when sampling")
+    p.add_argument("-s", "--seed", type=types.seed, default=42,
+                   help="sampling seed, when sampling (or `random` / -1)")
 
 
 def _add_task_parsers(sub: Any) -> None:
@@ -152,6 +159,7 @@ def _add_task_parsers(sub: Any) -> None:
     gen = sub.add_parser("generate", help="text-to-image",
                          description="Text-to-image. W and H are floored to multiples of 16.",
                          epilog=_examples('ovis-lite generate "a red fox in the snow" -o fox.png',
+                                          'ovis-lite generate -p "a red fox" -W 768 -H 512 -s -1',
                                           'ovis-lite generate "a red fox" -o fox.png -b 3 --seed random',
                                           'ovis-lite generate "a fox" -o fox.png --negative-prompt "blurry"',
                                           "ovis-lite generate --prompt-file prompts.txt -o out-%03d.png",
@@ -159,8 +167,11 @@ def _add_task_parsers(sub: Any) -> None:
                                           "--steps 30"))
     gen.add_argument("prompt", nargs="?", type=types.text,
                      help="what to draw (default: required unless --prompt-file or --config-from-metadata)")
-    gen.add_argument("--width", type=types.bounded_int(16, 4096), help="image width, floored to /16 (default: 1024)")
-    gen.add_argument("--height", type=types.bounded_int(16, 4096),
+    gen.add_argument("-p", "--prompt", dest="prompt_option", metavar="PROMPT", type=types.text,
+                     help="the prompt as an option, as sd.cpp and mflux take it (default: none)")
+    gen.add_argument("-W", "--width", type=types.bounded_int(16, 4096),
+                     help="image width, floored to /16 (default: 1024)")
+    gen.add_argument("-H", "--height", type=types.bounded_int(16, 4096),
                      help="image height, floored to /16 (default: 1024)")
     _image_options(gen, "t2i")
     _runtime_options(gen)
@@ -173,6 +184,8 @@ def _add_task_parsers(sub: Any) -> None:
     edit.add_argument("image", help="the image to edit (default: required)")
     edit.add_argument("instruction", nargs="?", type=types.text,
                       help="what to change (default: required unless --prompt-file or --config-from-metadata)")
+    edit.add_argument("-p", "--prompt", dest="prompt_option", metavar="INSTRUCTION", type=types.text,
+                      help="the instruction as an option (default: none)")
     _image_options(edit, "edit")
     _runtime_options(edit)
 
@@ -213,12 +226,15 @@ def _add_tool_parsers(sub: Any) -> None:
                          help="print the README's table (each preset planned for its own device)")
 
     plan = sub.add_parser("plan", help="the offload plan for a task, size and budget; reads no weights",
-                          description="Plan a run without loading anything. With --budget alone, bf16 weights "
-                                      "page through the budget, or, when bf16 cannot fit, the most precise preset "
-                                      "that fits it. With --preset, that preset's precision and sampler, at "
-                                      "--budget if given, else the preset's own budget.",
-                          epilog=_examples("ovis-lite plan --task t2i --budget 4GB",
-                                           "ovis-lite plan --task edit --budget 3GB --json",
+                          description="Plan a run without loading anything. Alone: the preset a run on this "
+                                      "machine would choose (--vram/--ram: on the machine they describe). With "
+                                      "--budget alone, bf16 weights page through that much GPU memory, or, when "
+                                      "bf16 cannot fit, the most precise preset that fits it. With --preset, that "
+                                      "preset's precision and sampler, at --budget if given, else its own budget.",
+                          epilog=_examples("ovis-lite plan --task t2i",
+                                           "ovis-lite plan --task t2i --ram 8GB",
+                                           "ovis-lite plan --task t2i --budget 4GB --device cuda",
+                                           "ovis-lite plan --task edit --budget 3GB --device cuda --json",
                                            "ovis-lite plan --preset tiny --budget 3GB",
                                            "ovis-lite plan --preset cpu --task understand"))
     src = plan.add_mutually_exclusive_group()
@@ -228,10 +244,13 @@ def _add_tool_parsers(sub: Any) -> None:
     plan.add_argument("--width", type=types.bounded_int(16, 4096), default=1024, help="image width")
     plan.add_argument("--height", type=types.bounded_int(16, 4096), default=1024, help="image height")
     plan.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
-                      help="plan for this kind of device; auto: a --preset's own device, else the one found here "
-                           "(with --budget and no GPU here: cuda, as a budget is GPU memory)")
-    plan.add_argument("--budget", type=types.size, help="device budget with a unit, e.g. 4GB or 512MB "
-                                                        "(default: the preset's, or all resident)")
+                      help="plan for this kind of device; auto: a --preset's own device, else the one found here")
+    plan.add_argument("--budget", type=types.size, help="GPU budget the weights page through, with a unit, e.g. "
+                                                        "4GB or 512MB (default: the preset's, or all resident)")
+    plan.add_argument("--vram", type=types.size, help="without --preset: choose the preset a run would choose "
+                                                      "on a GPU with this much free memory, e.g. 6GB")
+    plan.add_argument("--ram", type=types.size, help="without --preset: choose the preset a run would choose "
+                                                     "on a host with this much RAM, e.g. 8GB")
     plan.add_argument("--preset", help="plan with this preset's precision and sampler: " + PRESET_NAMES_MARK +
                                        " (default: none)")
     plan.add_argument("--json", action="store_true", help="print JSON")

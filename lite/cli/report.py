@@ -24,8 +24,10 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
     size = f" {stats.width}x{stats.height}" if stats.width else ""
     nfe = f", NFE {stats.nfe}" if stats.nfe else ""
     dest = f" -> {output}" if output else ""
+    host = (f" (run: anonymous {format_bytes(stats.peak_anon_bytes)}, mapped {format_bytes(stats.peak_mapped_bytes)})"
+            if stats.peak_anon_bytes else "")
     say(args, f"ovis-lite: {stats.task}{size} in {stats.seconds:.1f} s, host peak "
-              f"{format_bytes(stats.peak_rss_bytes)}{dev}{nfe}{extra}{dest}")
+              f"{format_bytes(stats.peak_rss_bytes)}{host}{dev}{nfe}{extra}{dest}")
 
 
 def load_report_cpu(pipe: Any) -> list[str]:
@@ -48,7 +50,9 @@ def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
                        "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
+                       "peak_anon_bytes": stats.peak_anon_bytes, "peak_mapped_bytes": stats.peak_mapped_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
                        **_machine_and_plan(stats)})
 
 
@@ -59,6 +63,7 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
+                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
                        **_machine_and_plan(stats)})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +32,10 @@ def _preview_callback(pipe: Any, args: argparse.Namespace) -> Callable[[int, int
 
 def _image_run(args: argparse.Namespace, task: str) -> int:
     """generate and edit: metadata, defaults, prompts and outputs are all settled before loading."""
-    from lite.runtime.outputs import image_metadata, save_image
+    from lite.runtime.metadata import image_metadata
+    from lite.runtime.outputs import save_image
 
+    settings.merge_prompt_option(args, task)
     settings.apply_metadata(args, task)
     settings.apply_defaults(args, task)
     text = args.prompt if task == "t2i" else args.instruction
@@ -50,7 +53,9 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
         source = load_image(args.image)
     jobs = settings.plan_jobs(args, prompts)
     settings.check_solver(args)
-    width, height = (args.width, args.height) if task == "t2i" else source.size
+    # The plan and every line name the image's real size; the pipeline still gets the requested one (its
+    # white canvas is the requested size, as in the reference).
+    width, height = settings.floored_size(args) if task == "t2i" else source.size
     run = resolve_run(args, task, width, height)
     pipe = load_pipeline(run, args)
     extra: dict[str, Any] = settings.sampling(args)
@@ -70,7 +75,7 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
         meta = image_metadata(pipe.model_id, stats, task, run.preset.name, job.seed, args.negative_prompt)
         if task == "edit":
             meta["source"] = str(args.image)
-        out = save_image(image, job.output, args.overwrite, meta)
+        out = save_image(image, job.output, args.overwrite and bool(args.output), meta)  # default names: never
         summary(args, stats, str(out), f", seed {job.seed}")
         if args.json:
             print(image_result(stats, str(out), job.seed, run.preset.name), flush=True)
@@ -105,8 +110,12 @@ def split_ask_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
         raise InputError("the question is missing; e.g. ovis-lite ask cat.png \"What is it?\"")
     *positional, question = args.inputs
     if looks_like_image(question):
+        images = [*positional, question]
+        questions = [word for word in images if not looks_like_image(word)]
+        files = [word for word in images if looks_like_image(word)]
+        example = questions[-1] if questions else "What is it?"
         raise InputError(f"the question is missing: {question!r} is an image; put the question last, "
-                         f"e.g. ovis-lite ask {' '.join([*positional, question])} \"What is it?\"")
+                         f"e.g. ovis-lite ask {' '.join(shlex.quote(f) for f in files)} {shlex.quote(example)}")
     problem = utf8_problem("the question", question)
     if problem:
         raise InputError(problem)
@@ -117,13 +126,31 @@ def resolve_seed(value: int | str) -> int:
     return secrets.randbelow(2**32) if value == "random" else int(value)
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+DEFAULT_TEMPERATURE = 0.7  # with --sample and no --temperature
+
+
+def resolve_decoding(args: argparse.Namespace) -> None:
+    """One rule for the CLI, the API and the page: a temperature > 0 samples, 0 (or none) is greedy;
+    `--sample` alone samples at 0.7. `--sample --temperature 0` contradicts itself and is refused."""
     from lite.errors import InputError
+
+    if args.temperature is not None and args.temperature == 0:
+        if args.sample:
+            raise InputError("--sample with --temperature 0 contradicts itself; drop --sample for greedy "
+                             "decoding, or give a temperature > 0")
+        args.temperature = DEFAULT_TEMPERATURE  # unused: greedy
+        return
+    if args.temperature is not None:
+        args.sample = True
+    else:
+        args.temperature = DEFAULT_TEMPERATURE
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
     from lite.model.images import load_image
 
     paths, question = split_ask_inputs(args)
-    if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
-        raise InputError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
+    resolve_decoding(args)
     images = [load_image(p) for p in paths]
     seed = resolve_seed(args.seed)
     w = max((img.size[0] for img in images), default=448)

@@ -72,12 +72,28 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
         notices.append(why)
     else:
         planning.check_fits(preset, config, pp, task, width, height, machine)
+    made_for = prequantized_origin(directory, preset.name, device.type)
+    if made_for:
+        notices.append(made_for)
     if args.vram is not None and device.type == "cpu":
         notices.append("--vram only chose the preset: there is no GPU here, so this run uses the CPU")
     dtype = resolve_dtype(args.dtype) if args.dtype != "auto" else None
     configure_threads(args.threads)
     return RunConfig(directory, config, device, dtype, preset, planning.effective_budget(preset, machine),
                      machine, progress_enabled(args), notices)
+
+
+def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
+    """For a checkpoint written by `ovis-lite quantize`: which preset and device its weights were made for."""
+    from lite.model.checkpoint import CheckpointKind, checkpoint_kind
+    from lite.model.prequantized import read_checkpoint_manifest
+
+    if checkpoint_kind(directory) is not CheckpointKind.PREQUANTIZED:
+        return None
+    manifest = read_checkpoint_manifest(directory)
+    made = (str(manifest.get("policy")), str(manifest.get("target_device_type")))
+    differs = "" if made == (preset, device_type) else f"; this run uses preset {preset} on {device_type}"
+    return f"{directory.name} holds weights pre-quantized for preset {made[0]} on {made[1]}{differs}"
 
 
 def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:

@@ -5,6 +5,7 @@ metadata (`--config-from-metadata`), then the task's and the preset's defaults. 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import sys
@@ -39,7 +40,7 @@ def apply_metadata(args: argparse.Namespace, task: str) -> None:
     if not getattr(args, "config_from_metadata", None):
         return
     from lite.errors import InputError
-    from lite.runtime.outputs import read_metadata
+    from lite.runtime.metadata import read_metadata
 
     meta = read_metadata(args.config_from_metadata)
     if not isinstance(meta, dict) or "task" not in meta:
@@ -55,14 +56,36 @@ def apply_metadata(args: argparse.Namespace, task: str) -> None:
             setattr(args, dest, list(value) if key == "cfg_interval" else value)
 
 
+def merge_prompt_option(args: argparse.Namespace, task: str) -> None:
+    """`-p/--prompt TEXT` (sd.cpp, mflux) is the positional prompt (the instruction for edit) given as an option."""
+    from lite.errors import InputError
+
+    option = getattr(args, "prompt_option", None)
+    if option is None:
+        return
+    dest = "prompt" if task == "t2i" else "instruction"
+    if getattr(args, dest) is not None:
+        raise InputError(f"the {dest} is given twice (after the command and as -p/--prompt); give it once")
+    setattr(args, dest, option)
+
+
 def apply_defaults(args: argparse.Namespace, task: str) -> None:
-    """The task's defaults for what is still unset; `--seed random` becomes a drawn seed."""
+    """The task's defaults for what is still unset; `--seed random` stays random: each prompt draws its own
+    seed in `plan_jobs`."""
     for dest, value in TASK_DEFAULTS[task].items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, value)
-    if args.seed == "random":
-        args.seed = secrets.randbelow(2**32)
     _check_numbers(args)
+
+
+def floored_size(args: argparse.Namespace) -> tuple[int, int]:
+    """The size the image will have (W and H floored to multiples of 16), said once when it differs."""
+    from lite.cli.report import notice
+
+    width, height = args.width // 16 * 16, args.height // 16 * 16
+    if (width, height) != (args.width, args.height):
+        notice(args, f"{args.width}x{args.height} is floored to multiples of 16: the image will be {width}x{height}")
+    return width, height
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -70,9 +93,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     from lite.errors import InputError
     from lite.validation import check_cfg, check_positive_int, check_side
 
-    check_positive_int("--seed", args.seed, 0, MAX_SEED)
-    if args.seed + args.num_images - 1 > MAX_SEED:
-        raise InputError(f"--seed {args.seed} with --num-images {args.num_images} passes the largest seed {MAX_SEED}")
+    if args.seed != "random":  # a random seed is drawn per prompt, below 2**32
+        check_positive_int("--seed", args.seed, 0, MAX_SEED)
+        if args.seed + args.num_images - 1 > MAX_SEED:
+            raise InputError(f"--seed {args.seed} with --num-images {args.num_images} passes the largest seed "
+                             f"{MAX_SEED}")
     if args.steps is not None:
         check_positive_int("--steps", args.steps, 1, 1000)
     for name in ("txt_cfg", "img_cfg"):
@@ -99,7 +124,8 @@ def check_solver(args: argparse.Namespace) -> None:
 
 
 def read_prompts(args: argparse.Namespace, text: str | None, name: str) -> list[str]:
-    """The positional prompt, or one prompt per non-blank line of --prompt-file (- is stdin)."""
+    """The positional prompt, or one prompt per line of --prompt-file (- is stdin); blank lines and
+    `# comment` lines are skipped, as in shell scripts and sd.cpp-style prompt lists."""
     from lite.errors import InputError
     from lite.validation import check_text
 
@@ -112,7 +138,7 @@ def read_prompts(args: argparse.Namespace, text: str | None, name: str) -> list[
             lines = data.decode("utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise InputError(f"--prompt-file {source} is not UTF-8 text (byte {exc.start})") from None
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not prompts:
             raise InputError(f"--prompt-file {source} holds no prompt (one per line)")
         return prompts
@@ -136,12 +162,27 @@ def _read_file(path: str) -> bytes:
         raise InputError(f"cannot read --prompt-file {path}: {exc.strerror}") from None
 
 
-def output_names(output: str | None, count: int) -> list[Path]:
-    """`out.png`, `out-1.png`, ... or the %d pattern filled with 0, 1, ..."""
-    from lite.errors import InputError
+DEFAULT_OUTPUT = Path("output.png")
 
+
+def default_output_names(count: int, folder: Path = Path(".")) -> list[Path]:
+    """Without -o: the first `count` free names of output.png, output-1.png, output-2.png, ... (never
+    overwriting, whatever --overwrite says), as sd.cpp writes output.png by default."""
+    names: list[Path] = []
+    index = 0
+    while len(names) < count:
+        stem = DEFAULT_OUTPUT.stem if index == 0 else f"{DEFAULT_OUTPUT.stem}-{index}"
+        candidate = folder / f"{stem}{DEFAULT_OUTPUT.suffix}"
+        if not os.path.lexists(candidate):
+            names.append(candidate)
+        index += 1
+    return names
+
+
+def output_names(output: str | None, count: int) -> list[Path]:
+    """`out.png`, `out-1.png`, ... or the %d pattern filled with 0, 1, ...; without -o the free default names."""
     if not output:
-        raise InputError("the output is missing; give -o FILE.png")
+        return default_output_names(count)
     if PATTERN.search(output):
         spec = PATTERN.search(output)
         assert spec is not None
@@ -157,18 +198,20 @@ def plan_jobs(args: argparse.Namespace, prompts: list[str]) -> list[Job]:
 
     count = len(prompts) * args.num_images
     names = output_names(args.output, count)
+    overwrite = args.overwrite and bool(args.output)  # default names are never overwritten
     if len(set(names)) != len(names):
         raise OutputError(f"-o {args.output} gives the same name to several images; use a %d pattern")
     for name in names:
-        check_output_path(name, args.overwrite)
+        check_output_path(name, overwrite)
     if args.preview:
         check_output_path(args.preview, args.overwrite)
         if Path(args.preview) in names:
             raise OutputError(f"--preview {args.preview} is also an output name")
     jobs = []
     for i, prompt in enumerate(prompts):
+        first = secrets.randbelow(2**32) if args.seed == "random" else args.seed  # each prompt its own
         for j in range(args.num_images):
-            jobs.append(Job(prompt, args.seed + j, names[i * args.num_images + j]))
+            jobs.append(Job(prompt, first + j, names[i * args.num_images + j]))
     return jobs
 
 

@@ -73,21 +73,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'preset':<10} {'budget':>7} {'sampler':<18} {'NFE t2i/edit':>12} {'understand':>10} {'t2i 1024':>9} "
-          f"{'edit 1024':>9}  description")
-    for r in rows:
-        budget = f"{r['budget_bytes'] / GiB:.0f} GiB" if r["budget_bytes"] else "-"
-        peaks = {k: (f"{v / GiB:.2f}G" if v is not None else "n/a") for k, v in r["planned_peak_bytes"].items()}
-        print(f"{r['name']:<10} {budget:>7} {r['solver'] + '/' + r['spacing'] + ' ' + str(r['steps']):<18} "
-              f"{str(r['nfe']['t2i']) + '/' + str(r['nfe']['edit']):>12} {peaks['understand']:>10} "
-              f"{peaks['t2i_1024']:>9} {peaks['edit_1024']:>9}  {r['description']} [{r['planned_for']}]")
+    from lite.runtime.planning import preset_lines
+
+    print("\n".join(preset_lines(rows)))
     return 0
 
 
 def plan_device(args: argparse.Namespace, preset: Any) -> str:
-    """The device told; else a preset's own device (when this machine's is not one of them); else,
-    with a budget, the accelerator found here (CUDA when there is none: a budget is GPU memory);
-    else the device found here."""
+    """The device told; else a preset's own device (when this machine's is not one of them); else the
+    device found here (`--vram` pretends a GPU: CUDA unless this is a Mac)."""
     if args.device != "auto":
         return args.device
     found = detected_device_type()
@@ -95,9 +89,23 @@ def plan_device(args: argparse.Namespace, preset: Any) -> str:
         from lite.runtime.planning import planned_device
 
         return planned_device(preset, found)
-    if args.budget is not None and found == "cpu":
+    if args.vram is not None and found == "cpu":
         return "cuda"
     return found
+
+
+def plan_machine(args: argparse.Namespace, device: str) -> Any:
+    """The machine a run would see (as `ovis-lite generate` detects it), or the one --device/--vram/--ram
+    describe: a device that is not here is assumed to have unknown free memory."""
+    import psutil
+    import torch
+
+    from lite.runtime.machine import Machine, detect_machine
+
+    if device == detected_device_type() or args.vram is not None:
+        return detect_machine(torch.device(device), args.vram, args.ram)
+    ram = args.ram if args.ram is not None else int(psutil.virtual_memory().available)
+    return Machine(device, None, None, ram, detected=False)
 
 
 def _bf16_with_budget(budget: int) -> Any:
@@ -111,10 +119,14 @@ def _bf16_with_budget(budget: int) -> Any:
 
 def _plan_for_budget(config: Any, pp: Any, args: argparse.Namespace, device: str) -> tuple[Any, Any, str | None]:
     """bf16 paged within the budget; when bf16 cannot fit, the most precise paging preset that fits."""
+    from lite.errors import InputError
     from lite.runtime import planning
     from lite.runtime.presets import PRESETS
     from offload.planner import BudgetError
 
+    if device == "cpu":
+        raise InputError("--budget is the GPU memory weights page through, and on a CPU nothing pages; give "
+                         "--device cuda to plan for a GPU, or --ram 8GB to plan for a host with that much memory")
     candidates = [_bf16_with_budget(args.budget)] + [p for p in PRESETS.values() if p.offload and p.budget_bytes]
     first_error: BudgetError | None = None
     for preset in candidates:
@@ -131,51 +143,82 @@ def _plan_for_budget(config: Any, pp: Any, args: argparse.Namespace, device: str
     raise last_error
 
 
+def _task_size(args: argparse.Namespace) -> str:
+    """`t2i 240x240` (the floored size the image will have); an answer has no output size."""
+    return args.task if args.task == "understand" else f"{args.task} {args.width}x{args.height}"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from lite.errors import InputError
     from lite.runtime import planning
-    from lite.runtime.presets import PRESETS, get_preset
+    from lite.runtime.presets import get_preset
 
     config, pp = _configs(args)
     preset = get_preset(args.preset) if args.preset else None
     device = plan_device(args, preset)
-    note = None
+    notes = []
+    if args.task != "understand" and (args.width % 16 or args.height % 16):
+        notes.append(f"{args.width}x{args.height} is floored to multiples of 16, as a run floors it")
+        args.width, args.height = args.width // 16 * 16, args.height // 16 * 16
     if preset is not None:
         budget = args.budget if args.budget is not None else preset.budget_bytes
         plan = planning.plan_preset(preset, config, pp, args.task, args.width, args.height, device, budget)
     elif args.budget is not None:
         budget = args.budget
-        preset, plan, note = _plan_for_budget(config, pp, args, device)
-    else:
-        preset, budget = PRESETS["reference"], None
-        plan = planning.plan_preset(preset, config, pp, args.task, args.width, args.height, device, None)
+        preset, plan, why = _plan_for_budget(config, pp, args, device)
+        notes += [why] if why else []
+    else:  # what a run would choose on this machine (or the one --device/--vram/--ram describe)
+        machine = plan_machine(args, device)
+        preset, why = planning.choose_preset(machine, config, pp, args.task, args.width, args.height)
+        device, budget = planning.planned_device(preset, machine.device_type), planning.effective_budget(preset, machine)
+        notes.append(why if machine.device_free is not None or machine.device_type == "cpu" else
+                     f"there is no {device} here: its first preset, {preset.name}, is planned "
+                     f"(--vram 6GB chooses for a card with that much free memory)")
+        plan = planning.plan_preset(preset, config, pp, args.task, args.width, args.height, device, budget)
     resident = not planning.pages(preset, budget)
     peak = planning.resident_peak(plan) if resident else plan.planned_peak_bytes
+    host = planning.host_plan_of(preset, config, pp, args.task, args.width, args.height) \
+        if device == "cpu" and resident else None  # host memory: anonymous + mapped per phase (h7)
+    if host is not None:
+        peak = host.peak.total
     if resident and budget is not None and peak > budget:
         raise InputError(f"preset {preset.name} keeps every weight on the device: it needs {peak / GiB:.2f} GiB "
-                         f"for {args.task} {args.width}x{args.height}, more than the {budget / GiB:.2f} GiB budget; "
+                         f"for {_task_size(args)}, more than the {budget / GiB:.2f} GiB budget; "
                          f"choose a preset that pages (e.g. --preset tiny)")
+    phases = planning.task_phases(plan.phase_peaks, args.task)
     result = {
         "task": args.task, "width": args.width, "height": args.height, "preset": preset.name, "device": device,
         "budget_bytes": budget, "planned_peak_bytes": peak, "resident": resident,
-        "phase_peaks": plan.phase_peaks, "activation_bytes": plan.activation_bytes,
+        "phase_peaks": {k: plan.phase_peaks[k] for k in phases},
+        "activation_bytes": {k: plan.activation_bytes[k] for k in phases},
         "resident_weight_bytes": plan.resident_weight_bytes, "paged_units": plan.paged_units,
         "resident_units": len(plan.resident_units), "prefetch_depth": plan.prefetch_depth,
         "min_budget_bytes": plan.min_budget_bytes,
-        "nfe": preset.nfe(args.task) if args.task != "understand" else 0, "note": note,
+        "nfe": preset.nfe(args.task) if args.task != "understand" else 0, "note": "; ".join(notes) or None,
+        "host": {phase: {"anon_bytes": h.anon, "mapped_bytes": h.mapped} for phase, h in host.phases.items()}
+        if host is not None else None,
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    if note:
+    for note in notes:
         print(f"note: {note}")
     within = f"of a {budget / GiB:.2f} GiB budget" if budget is not None else "(all resident, no budget)"
     paging = f"; {len(plan.paged_units)} paged unit(s), prefetch {plan.prefetch_depth}" if not resident else ""
     nfe = f"; NFE {result['nfe']}" if result["nfe"] else ""
-    print(f"{args.task} {args.width}x{args.height} with {preset.name} on {device}: planned peak "
-          f"{peak / GiB:.2f} GiB {within}{paging}{nfe}")
-    for phase, phase_peak in plan.phase_peaks.items():
-        print(f"  {phase:<10} {phase_peak / GiB:6.2f} GiB (activations {plan.activation_bytes[phase] / GiB:.2f})")
+    print(f"{_task_size(args)} with {preset.name} on {device}: planned peak {peak / GiB:.2f} GiB "
+          f"{within}{paging}{nfe}")
+    if host is not None:  # what the run's summary measures: resident = anonymous + mapped checkpoint pages
+        for phase, h in host.phases.items():
+            label = planning.PHASE_LABELS.get((args.task, phase), phase)
+            act = plan.activation_bytes.get(phase, 0) if phase != "load" else 0
+            print(f"  {label:<10} {h.total / GiB:6.2f} GiB host (anonymous {h.anon / GiB:.2f} incl. activations "
+                  f"{act / GiB:.2f}, mapped {h.mapped / GiB:.2f})")
+        return 0
+    for phase in phases:
+        label = planning.PHASE_LABELS.get((args.task, phase), phase)
+        print(f"  {label:<10} {plan.phase_peaks[phase] / GiB:6.2f} GiB "
+              f"(activations {plan.activation_bytes[phase] / GiB:.2f})")
     return 0
 
 
@@ -184,31 +227,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lite.runtime.presets import get_preset
 
     preset = get_preset(args.preset)
+    check_new_folder(args.out, "--out")
     manifest = save_quantized_checkpoint(args.model, preset.precision, args.out, device_type=args.device,
                                          progress=progress_enabled(args))
-    print(f"ovis-lite: wrote {args.out} ({preset.name}: {manifest.get('policy', preset.precision.name)})")
+    size = sum(manifest.get("component_bytes", {}).values()) / GiB
+    print(f"ovis-lite: wrote {args.out}: weights pre-quantized for preset {preset.name} on {args.device} "
+          f"({preset.precision.summary}; {size:.2f} GiB); run it with --model {args.out} --preset {preset.name}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lite.runtime.outputs import read_metadata
+    from lite.runtime.metadata import format_metadata, read_metadata
 
     meta = read_metadata(args.image)
-    if args.json:
-        print(json.dumps(meta, sort_keys=True))
-        return 0
-    for key, value in sorted(meta.items()):
-        print(f"{_printable(str(key))}: {_printable(value if isinstance(value, str) else json.dumps(value))}")
+    print(json.dumps(meta, sort_keys=True) if args.json else format_metadata(meta))
     return 0
 
 
-def _printable(text: str) -> str:
-    """Control characters (terminal escapes) shown escaped, as --json does."""
-    return "".join(c if c.isprintable() or c == " " else json.dumps(c)[1:-1] for c in text)
+def check_new_folder(out: str, option: str, overwrite: bool | None = None) -> None:
+    """A folder we are about to fill: new or empty (or --overwrite, where the command has it: not None),
+    checked before any heavy import or work."""
+    from lite.errors import OutputError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {out} is a file; give a new folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        hint = "" if overwrite is None else ", or pass --overwrite to replace the checkpoint in it"
+        raise OutputError(f"{option} {out} is not empty; choose a new folder{hint}")
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    import torch
+    check_new_folder(args.out, "the folder", args.overwrite)
+    import torch  # heavy: only once the folder is known to be usable
 
     from lite.model.tiny import make_tiny
 

@@ -49,15 +49,15 @@ def bounded_int(low: int, high: int | None = None):
 
 
 def seed(text: str) -> int | str:
-    """An integer in [0, 2**63 - 1], or `random` (drawn at run time and recorded)."""
-    if text.strip().lower() == "random":
+    """An integer in [0, 2**63 - 1], or `random` / -1 (sd.cpp's spelling; drawn at run time and recorded)."""
+    if text.strip().lower() in ("random", "-1"):
         return "random"
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer or `random`") from None
     if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed {text} is out of range: use 0 .. {MAX_SEED} or `random`")
+        raise argparse.ArgumentTypeError(f"seed {text} is out of range: use 0 .. {MAX_SEED}, or `random` / -1")
     return value
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from offload.accounting import module_nbytes
 
 from lite.errors import CheckpointError
-from lite.memory import rss_anon_bytes, trim_host_heap
+from lite.memory import release_file_pages, rss_anon_bytes, tensor_span, trim_host_heap
 from lite.model.architecture import OVIS_U1
 from lite.model.config import load_config
 from lite.model.modeling_ovis_u1 import OvisU1
@@ -33,6 +33,8 @@ HF_REPO_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")
 #: The manifest `lite.model.prequantized_save` writes last: its presence makes a folder pre-quantized.
 MANIFEST_FILE = "ovis_lite_quant.json"
 MODEL_ENV = "OVIS_LITE_MODEL"
+#: The loader drops the mapped pages it read after about this many bytes (bounds the load's mapped RSS).
+RELEASE_EVERY_BYTES = 512 << 20
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -161,6 +163,7 @@ class LoadReport:
     bytes_read: int = 0  # bytes of every tensor read from the checkpoint
     largest_tensor_bytes: int = 0
     names_read: list[str] = field(default_factory=list)
+    released_bytes: int = 0  # mapped shard pages dropped once read (`release_file_pages`)
 
     @property
     def prequantized(self) -> bool:
@@ -191,7 +194,9 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
                       report: LoadReport) -> tuple[OvisU1, LoadReport]:
     """The one load loop: meta model, header validation, then one tensor at a time -> placer or cast+place.
 
-    Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending).
+    Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending). The mapped
+    shard pages each tensor's read touched are dropped every `RELEASE_EVERY_BYTES` (`release_file_pages`):
+    a converted tensor's never come back, a kept one's come back from the file when a phase uses them.
     """
     config = load_config(directory)
     trim_host_heap()
@@ -204,8 +209,11 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
     if placer is not None and getattr(placer, "report", None) is not None:
         report.quant = placer.report
     peak = report.rss_anon_before
+    read: list[tuple[int, int]] = []  # spans of host tensors read since the last release
     with progress_bar(len(source), "loading", progress, unit="tensor") as bar:
         for name, tensor in source:
+            if tensor.device.type == "cpu":
+                read.append(tensor_span(tensor))
             report.stored_dtypes[str(tensor.dtype)] = report.stored_dtypes.get(str(tensor.dtype), 0) + 1
             report.bytes_read += tensor.nbytes
             report.largest_tensor_bytes = max(report.largest_tensor_bytes, tensor.nbytes)
@@ -216,7 +224,11 @@ def stream_into_model(directory: Path, source: TensorSource, device: torch.devic
             report.tensors += 1
             if report.tensors % 8 == 0:
                 peak = max(peak, rss_anon_bytes())
+            if sum(n for _, n in read) >= RELEASE_EVERY_BYTES:
+                report.released_bytes += release_file_pages(read)
+                read.clear()
             bar.update(1)
+    report.released_bytes += release_file_pages(read)
     if placer is None:
         tie_weights(model)  # the head never held a second copy
     else:

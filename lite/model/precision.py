@@ -256,12 +256,15 @@ MPS = replace(BALANCED, name="mps", llm="int4", backend_on={"mps": "native", "cp
               summary="int4 LLM, int8 elsewhere (torch packed kernels), fp16 VAE",
               description="Apple: balanced formats on torch's packed int4/int8 kernels, which have Metal "
                           "implementations (no bitsandbytes, no quanto): LLM int4 g128, the rest int8")
-# bf16 embedding and head: the int8 head would be dequantized at every decoded token. The compute dtype is
-# the CPU's (bf16 where bf16 GEMMs are native, else fp32 over the same bf16 storage: lite/runtime/hardware.py).
-CPU = Precision("cpu", "CPU: only the decode-bound LLM layers are quantized (native int4; bf16 embedding/head); "
+# int8 embedding and tied head: the head is read once per decoded token (151936x2048), and int8 halves its
+# bytes; few-row CPU calls stream the int8 payload through torch's packed kernel (quant/int8.py), and its
+# logit error and greedy agreement are measured in docs/quantization.md. The compute dtype is the CPU's (bf16
+# where bf16 GEMMs are native, else fp32 over the same bf16 storage: lite/runtime/hardware.py).
+CPU = Precision("cpu", "CPU: the decode-bound LLM quantized (native int4 layers; int8 embedding and tied head); "
                 "compute-bound parts (vision, visual head, VTE, Yak) stored bf16 and computed in bf16 where the "
-                "CPU has native bf16, else fp32; VAE fp32", llm="int4", backend_on={"cpu": "native", "mps": "native"},
-                summary="LLM int4, bf16 storage elsewhere, fp32 VAE; compute per CPU")
+                "CPU has native bf16, else fp32; VAE fp32", llm="int4", llm_embed="int8",
+                backend_on={"cpu": "native", "mps": "native"},
+                summary="LLM int4, int8 head, bf16 storage elsewhere, fp32 VAE; compute per CPU")
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (REFERENCE, QUALITY, BALANCED, LOW, TINY, MINIMAL, MPS, CPU)}
 

@@ -16,6 +16,7 @@ from PIL import Image
 from lite.model.architecture import OVIS_U1
 from lite.model.config import PreprocessorConfig
 from lite.errors import InputError
+from lite.validation import check_encodable
 
 IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER = OVIS_U1.image_placeholder
@@ -174,51 +175,86 @@ class Turn:
     num_images: int = 0
 
 
-def image_content(question: str, num_images: int) -> str:
+class PromptText(str):
+    """A prompt's text (as the reference renders it) that also knows where its image slots are.
+
+    `pieces` alternates text and `None` (one image slot each). Only the builders below place slots;
+    a user's text is one text piece whatever it contains, so a literal "<image>" typed by a user is
+    tokenized as the plain text it is, never as a placeholder.
+    """
+
+    pieces: tuple[str | None, ...]
+
+    def __new__(cls, pieces: list[str | None]) -> "PromptText":
+        merged: list[str | None] = []
+        for piece in pieces:
+            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += piece
+            elif piece is None or piece:
+                merged.append(piece)
+        self = super().__new__(cls, "".join(IMAGE_TOKEN if p is None else p for p in merged))
+        self.pieces = tuple(merged)
+        return self
+
+    @property
+    def num_images(self) -> int:
+        return sum(p is None for p in self.pieces)
+
+
+def image_content(question: str, num_images: int) -> list[str | None]:
+    """The user turn's content: image slots (numbered when several), then the question."""
     if num_images == 0:
-        return question
+        return [question]
     if num_images == 1:
-        return f"{IMAGE_TOKEN}\n{question}"
-    return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(num_images)) + question
+        return [None, "\n" + question]
+    pieces: list[str | None] = []
+    for i in range(num_images):
+        pieces += [f"Image {i + 1}: ", None, "\n"]
+    return pieces + [question]
 
 
-def user_turn(content: str) -> str:
-    return f"<|im_start|>user\n{content}<|im_end|>\n"
+def user_turn(content: list[str | None]) -> list[str | None]:
+    return ["<|im_start|>user\n", *content, "<|im_end|>\n"]
 
 
-def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> str:
+def understanding_prompt(question: str, num_images: int, history: list[Turn] | None = None) -> PromptText:
     """Previous turns, then the question, then an assistant turn with an empty think block.
 
     As the reference's Qwen3 formatter writes them, earlier answers carry the empty think block too
     (`enable_thinking=False`); `num_images` counts the current question's images only.
     """
-    text = ""
+    pieces: list[str | None] = []
     for turn in history or []:
-        text += user_turn(image_content(turn.question, turn.num_images))
-        text += f"<|im_start|>assistant\n{THINK_EMPTY}{turn.answer}<|im_end|>\n"
-    return text + user_turn(image_content(question, num_images)) + "<|im_start|>assistant\n" + THINK_EMPTY
+        pieces += user_turn(image_content(turn.question, turn.num_images))
+        pieces += [f"<|im_start|>assistant\n{THINK_EMPTY}{turn.answer}<|im_end|>\n"]
+    return PromptText(pieces + user_turn(image_content(question, num_images)) + ["<|im_start|>assistant\n" + THINK_EMPTY])
 
 
 def unconditional(negative_prompt: str) -> str:
     """The text of the unconditional guidance branches: the reference's, unless a negative prompt replaces it."""
     if not isinstance(negative_prompt, str):
         raise InputError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+    check_encodable("negative_prompt", negative_prompt)
     return negative_prompt.strip() or UNCONDITIONAL_PROMPT
 
 
-def generation_prompt(content: str) -> str:
+def generation_prompt(content: str) -> PromptText:
     """A generation condition: the user turn only, one image, no assistant prefix."""
-    return user_turn(f"{IMAGE_TOKEN}\n{content}")
+    return PromptText(user_turn([None, "\n" + content]))
 
 
-def tokenize_with_images(tokenizer, text: str) -> torch.Tensor:
-    """Chunks between `<image>` tokenised separately, joined by the [-301, -300, -302] placeholder."""
+def tokenize_with_images(tokenizer, prompt: PromptText) -> torch.Tensor:
+    """Text pieces tokenised separately, joined by the [-301, -300, -302] placeholder at each image slot.
+
+    Only a `PromptText` has image slots: a plain string is all text, whatever it contains.
+    """
+    pieces = prompt.pieces if isinstance(prompt, PromptText) else (prompt,)
     ids: list[int] = []
-    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
-        if i > 0:
+    for piece in pieces:
+        if piece is None:
             ids.extend(IMAGE_PLACEHOLDER)
-        if chunk:
-            ids.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
+        elif piece:
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
     return torch.tensor(ids, dtype=torch.long)
 
 

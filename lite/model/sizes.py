@@ -90,7 +90,8 @@ def _leaf_bytes(model: OvisU1, policy: QuantPolicy) -> dict[str, dict[str, int]]
                 out[name] = {"params": n * k, "packed": lay["packed"], "scales": lay["scales"] + lay["other"],
                              "zeros": 0, "unquantized": 0}
             continue
-        if any(name.startswith(q + ".") for q in plan):
+        parts = name.split(".")  # inside a quantized module: an ancestor is planned (depth checks, not all plans)
+        if any(".".join(parts[:i]) in plan for i in range(1, len(parts))):
             continue
         own = [(f"{name}.{pn}" if name else pn, t) for pn, t in m.named_parameters(recurse=False)]
         own = [(pn, t) for pn, t in own if pn not in OVIS_U1.tied_weights_keys]

@@ -26,6 +26,7 @@ import torch
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # host bytes across all caches unless told otherwise
 # Each cache's share of a total budget: prefix KV of a few conversations dominates, a ViT output is small.
+PREFIX_SLOTS = 4  # conversations whose KV is kept at most (a few, like llama-server slots; bytes bound them too)
 SHARES = {"vision": 0.15, "prefix_kv": 0.6, "conditions": 0.25}
 
 
@@ -57,21 +58,24 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    extra: dict[str, int] = dataclasses.field(default_factory=dict)  # what a cache's user counts (reused tokens)
 
 
 class ByteLRU:
     """A least-recently-used map whose entries carry their byte size, bounded by `budget_bytes`.
 
     An entry larger than the whole budget is not kept (storing it would evict everything else and then
-    itself). `enabled=False` makes every `get` a miss and every `put` a no-op.
+    itself). `max_entries` bounds the count too (llama-server's "slots"). `enabled=False` makes every `get`
+    a miss and every `put` a no-op.
     """
 
-    def __init__(self, name: str, budget_bytes: int, enabled: bool = True) -> None:
+    def __init__(self, name: str, budget_bytes: int, enabled: bool = True, max_entries: int | None = None) -> None:
         if budget_bytes < 0:
             raise ValueError(f"cache budget must be >= 0 bytes, got {budget_bytes}")
         self.name = name
         self.budget_bytes = budget_bytes
         self.enabled = enabled
+        self.max_entries = max_entries
         self.counters = CacheStats()
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
@@ -110,6 +114,14 @@ class ByteLRU:
             self._entries.move_to_end(key)
             self.counters.hits += 1
 
+    def miss(self) -> None:
+        """Count a miss found by scanning with `peek`."""
+        self.counters.misses += 1
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add `n` to a counter of the cache's user (reported by `stats`, e.g. prefix tokens reused)."""
+        self.counters.extra[name] = self.counters.extra.get(name, 0) + n
+
     def put(self, key: Hashable, value: Any, nbytes: int | None = None) -> bool:
         """Store `value` (its bytes measured with `tensor_bytes` unless given); False when not kept."""
         if not self.enabled:
@@ -144,7 +156,8 @@ class ByteLRU:
         return freed
 
     def _evict(self, limit: int) -> None:
-        while self._bytes > limit and self._entries:
+        while self._entries and (self._bytes > limit or
+                                 (self.max_entries is not None and len(self._entries) > self.max_entries)):
             _, (_, size) = self._entries.popitem(last=False)
             self._bytes -= size
             self.counters.evictions += 1
@@ -152,7 +165,7 @@ class ByteLRU:
     def stats(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "entries": len(self._entries), "bytes": self._bytes,
                 "budget_bytes": self.budget_bytes, "hits": self.counters.hits, "misses": self.counters.misses,
-                "evictions": self.counters.evictions}
+                "evictions": self.counters.evictions, **self.counters.extra}
 
 
 class RuntimeCaches:
@@ -164,7 +177,7 @@ class RuntimeCaches:
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, enabled: bool = True) -> None:
         self.vision = ByteLRU("vision", 0, enabled)
-        self.prefix_kv = ByteLRU("prefix_kv", 0, enabled)
+        self.prefix_kv = ByteLRU("prefix_kv", 0, enabled, max_entries=PREFIX_SLOTS)
         self.conditions = ByteLRU("conditions", 0, enabled)
         self.budget_bytes = 0
         self.set_budget(budget_bytes)

@@ -5,23 +5,19 @@ them ~10-90x slower than fp32, so the compute dtype is picked per instruction se
 that counts is the one torch really dispatches: `ATEN_CPU_CAPABILITY` and `ONEDNN_MAX_CPU_ISA` can
 lower it below what /proc/cpuinfo lists, and are honoured here.
 
-Threads: intra-op threads default to physical cores and inter-op threads to 1. OpenMP's busy-wait
-makes a 2-thread decode GEMV 2-30x slower than 1 thread when another process holds a core (measured
-on a shared 2-core AMD EPYC), but on idle cores it makes every short op faster; so `early_environment()`
-(`lite/runtime/cpu/threads.py`, applied before torch is imported) makes idle OpenMP threads sleep only when the
-CPUs are busy at start-up, and `decode_threads()` measures 1 thread against all of them on a decode-sized GEMV and runs
-token generation with the faster.
+Threads and OpenMP's wait policy are set in `lite/runtime/cpu/threads.py`; a decode step's threads are chosen per
+call from the current load (`lite/runtime/decode_threads.py`); the CPU plan records all of it
+(`lite/runtime/cpu/plan.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -306,78 +302,6 @@ def cpu_compute_dtype(features: CpuFeatures, onednn: bool | None = None) -> tupl
     return torch.bfloat16, "bf16 compute: oneDNN runs bf16 GEMMs natively here"
 
 
-def _gemv_seconds(threads: int, weight: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, calls: int) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    torch._weight_int8pack_mm(x, weight, scale)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        torch._weight_int8pack_mm(x, weight, scale)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-#: Measured decode thread counts per intra-op count. Kept only while `lite/runtime/streaming.py` still switches
-#: threads per generation (helper h4 replaces that with a per-call choice from the load; then this goes too).
-_DECODE: dict[int, int] = {}
-
-
-def intra_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def measure_decode_threads(max_threads: int | None = None, rounds: int = 3, calls: int = 5,
-                           shape: tuple[int, int] = (6144, 6144)) -> dict[int, float]:
-    """Median seconds of a decode-sized int8 GEMV (bf16 activations) per candidate thread count,
-    measured interleaved (1 thread, then all of them, `rounds` times; ~100 ms in all)."""
-    import torch
-
-    n = max_threads or intra_threads()
-    candidates = sorted({1, n})
-    w = torch.ones(shape, dtype=torch.int8)
-    s = torch.ones(shape[0], dtype=torch.bfloat16)
-    x = torch.ones(1, shape[1], dtype=torch.bfloat16)
-    before = torch.get_num_threads()
-    best: dict[int, float] = {c: float("inf") for c in candidates}
-    try:
-        for _ in range(rounds):
-            for c in candidates:
-                best[c] = min(best[c], _gemv_seconds(c, w, s, x, calls))
-    finally:
-        torch.set_num_threads(before)
-    return best
-
-
-def decode_thread_count(recalibrate: bool = False) -> int:
-    """The thread count a decode step runs fastest with here (measured once per process)."""
-    n = intra_threads()
-    if n == 1:
-        return 1
-    if recalibrate or n not in _DECODE:
-        times = measure_decode_threads(n)
-        # more threads only when clearly faster: a tie goes to 1 thread (nothing to wait on)
-        _DECODE[n] = n if times[n] < 0.8 * times[1] else 1
-    return _DECODE[n]
-
-
-@contextlib.contextmanager
-def decode_threads(recalibrate: bool = False) -> Iterator[int]:
-    """Run token generation with the measured-fastest thread count, then restore the previous one."""
-    import torch
-
-    before = torch.get_num_threads()
-    count = decode_thread_count(recalibrate)
-    torch.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        torch.set_num_threads(before)
-
-
-__all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "cpu_compute_dtype", "decode_thread_count",
-           "decode_threads", "detect", "detect_from_text", "features_from", "measure_decode_threads",
-           "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl", "physical_cores", "with_bandwidth"]
+__all__ = ["ARM_FEATURES", "CpuFeatures", "X86_FEATURES", "allowed_x86", "cpu_compute_dtype", "detect", "detect_from_text",
+           "features_from", "memory_bandwidth", "native_bf16", "parse_cpuinfo", "parse_sysctl", "physical_cores",
+           "with_bandwidth"]

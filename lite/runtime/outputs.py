@@ -1,4 +1,4 @@
-"""Writing results safely, and reading their metadata back (from files anyone may have written).
+"""Writing results safely: nothing partial, nothing of the user's lost.
 
 Before any model loads, `check_output_path` proves the output can be written: a known format, a
 name that fits the filesystem, a folder that exists or can be created and that really accepts a
@@ -12,37 +12,34 @@ has no hard links; with overwrite, it is renamed over the old file. Any failure 
 included) leaves no partial or temp file and the user's existing file untouched. New files get
 the mode the user's umask gives any new file.
 
-Metadata: PNG tEXt chunks (one per field, plus the whole set as JSON under `ovis-lite`); JPEG a
-COM (comment) segment, WebP an XMP packet, both holding the same JSON. `read_metadata` reads all three.
+What an image records, and reading it back, is `lite.runtime.metadata`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import html
 import io
 import json
 import os
-import re
 import tempfile
-import unicodedata
-import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from lite import __version__
-from lite.errors import ArgumentTypeError, InputError, OutputError
+from lite.errors import ArgumentTypeError, OutputError
+from lite.runtime.metadata import (
+    JPEG_COMMENT_MAX,
+    JPEG_COMMENT_PREFIX,
+    METADATA_KEY,
+    PARAMETERS_KEY,
+    a1111_parameters,
+    metadata_json,
+    xmp_packet,
+)
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-METADATA_KEY = "ovis-lite"
-#: JPEG COM payload prefix, so that `read_metadata` knows a comment is ours.
-JPEG_COMMENT_PREFIX = b"ovis-lite "
-JPEG_COMMENT_MAX = 65533 - len(JPEG_COMMENT_PREFIX)  # one COM segment
-XMP_NS = "https://github.com/ovis-lite/ns/1.0/"
-MAX_METADATA_BYTES = 1 << 20  # PIL's MAX_TEXT_CHUNK: nothing we write is near it
-MAX_METADATA_DEPTH = 32  # nesting levels `read_metadata` accepts (ours has 2)
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
 
@@ -222,42 +219,21 @@ def atomic_write(path: Path, write: Any, overwrite: bool = True) -> None:
     write_bytes(path, buffer.getvalue(), overwrite)
 
 
-def _metadata_json(fields: dict[str, Any]) -> str:
-    return json.dumps(fields, sort_keys=True, default=str)
-
-
-def _xmp_packet(text: str) -> bytes:
-    return ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
-            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-            f'<rdf:Description rdf:about="" xmlns:ovislite="{XMP_NS}">'
-            f'<ovislite:metadata>{html.escape(text, quote=False)}</ovislite:metadata>'
-            '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode("utf-8")
-
-
-def image_metadata(model_id: str, stats: Any, task: str, preset: str | None, seed: int,
-                   negative_prompt: str | None = None) -> dict[str, Any]:
-    """What an output image records (the CLI's and the server's alike): task, model, size, NFE, preset, the
-    run's settings and its own seed, so `--config-from-metadata` can rerun it."""
-    meta = {"task": task, "model": model_id, "width": stats.width, "height": stats.height, "nfe": stats.nfe,
-            "preset": preset, "ovis_lite_version": __version__, **stats.settings, "seed": seed}
-    if negative_prompt is not None:
-        meta.setdefault("negative_prompt", negative_prompt)
-    return meta
-
-
 def encode_image(image: Image.Image, fmt: str, metadata: dict[str, Any] | None) -> tuple[bytes, str | None]:
     """The file's bytes, and a notice when the format could not carry the metadata."""
     kwargs: dict[str, Any] = {}
     notice = None
     if metadata:
         fields = {"software": f"ovis-lite {__version__}", **metadata}
-        text = _metadata_json(fields)
+        text = metadata_json(fields)
         if fmt == "PNG":
             info = PngImagePlugin.PngInfo()
             for key, value in fields.items():
                 if value is not None:
                     info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
             info.add_text(METADATA_KEY, text)
+            if metadata.get("task") in ("t2i", "edit"):
+                info.add_text(PARAMETERS_KEY, a1111_parameters(fields))
             kwargs["pnginfo"] = info
         elif fmt == "JPEG":
             payload = text.encode("utf-8")
@@ -267,7 +243,7 @@ def encode_image(image: Image.Image, fmt: str, metadata: dict[str, Any] | None) 
                 notice = (f"ovis-lite: notice: the metadata ({len(payload)} bytes) does not fit a JPEG comment; "
                           f"the image was written without it (write .png to keep it)")
         elif fmt == "WEBP":
-            kwargs["xmp"] = _xmp_packet(text)
+            kwargs["xmp"] = xmp_packet(text)
     if fmt == "JPEG":
         kwargs.setdefault("quality", 95)
     buffer = io.BytesIO()
@@ -291,118 +267,3 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], overwrite: bool
 
         print(notice, file=sys.stderr)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading metadata back (`ovis-lite info`, `--config-from-metadata`): untrusted files.
-# ---------------------------------------------------------------------------------------------
-
-def _depth(value: Any) -> int:
-    """Nesting depth, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        if level > MAX_METADATA_DEPTH:
-            return level
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
-    return deepest
-
-
-def _parse_metadata_json(path: Path, text: str | bytes, where: str) -> dict[str, Any]:
-    if len(text) > MAX_METADATA_BYTES:
-        raise InputError(f"{path}: the ovis-lite metadata in {where} is {len(text)} bytes, over the "
-                         f"{MAX_METADATA_BYTES} byte limit; it was not written by ovis-lite")
-    try:
-        meta = json.loads(text)
-    except RecursionError:
-        raise InputError(f"{path}: the ovis-lite metadata in {where} is nested too deeply to be ours") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: the ovis-lite metadata in {where} is not valid JSON "
-                         f"({getattr(exc, 'msg', type(exc).__name__)})") from None
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: the ovis-lite metadata in {where} is a JSON {type(meta).__name__}, "
-                         f"not an object; it was not written by ovis-lite")
-    if _depth(meta) > MAX_METADATA_DEPTH:
-        raise InputError(f"{path}: the ovis-lite metadata in {where} is nested more than "
-                         f"{MAX_METADATA_DEPTH} levels deep; it was not written by ovis-lite")
-    return meta
-
-
-_XMP_FIELD = re.compile(r"<ovislite:metadata>(.*?)</ovislite:metadata>", re.DOTALL)
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ovis-lite metadata of an image written by `save_image` (PNG, JPEG or WebP)."""
-    from lite.model.images import _open_regular
-
-    path = Path(path)
-    fd = _open_regular(path)
-    try:
-        with os.fdopen(fd, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixel is decoded here
-            with Image.open(f) as img:
-                fmt = img.format
-                text = dict(getattr(img, "text", {}) or {}) if fmt == "PNG" else {}
-                comment = img.info.get("comment", b"")
-                xmp = img.info.get("xmp", b"")
-    except Image.DecompressionBombError:
-        raise InputError(f"{path} declares a size over PIL's decompression-bomb limit; "
-                         f"it was not written by ovis-lite") from None
-    except PermissionError:
-        raise InputError(f"image file is not readable (permission denied): {path}") from None
-    except (ValueError, MemoryError) as exc:  # PIL: text chunks over MAX_TEXT_CHUNK / MAX_TEXT_MEMORY
-        raise InputError(f"{path}: its metadata chunks are too large or malformed "
-                         f"({str(exc)[:80] or type(exc).__name__})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as exc:
-        raise InputError(f"cannot read image {path}: not a valid image file ({type(exc).__name__})") from None
-    if METADATA_KEY in text:
-        return _parse_metadata_json(path, text[METADATA_KEY], f"its {METADATA_KEY!r} PNG text chunk")
-    if isinstance(comment, bytes) and comment.startswith(JPEG_COMMENT_PREFIX):
-        return _parse_metadata_json(path, comment[len(JPEG_COMMENT_PREFIX):], "its JPEG comment")
-    if isinstance(xmp, (bytes, str)) and xmp:
-        xmp_text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else xmp
-        m = _XMP_FIELD.search(xmp_text[: 2 * MAX_METADATA_BYTES])
-        if m:
-            return _parse_metadata_json(path, html.unescape(m.group(1)), "its XMP packet")
-    if not text:
-        raise InputError(f"{path} carries no ovis-lite metadata (it was not written by ovis-lite)")
-    return text
-
-
-# Bidirectional overrides and isolates reorder what the terminal shows ("Trojan source").
-_BIDI = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def escape_control(text: str) -> str:
-    """Control characters (C0, DEL, C1: escape sequences, title changes, screen clears) and bidi
-    overrides as visible escapes: \\n, \\t, \\x1b, \\u202e."""
-    out = []
-    for ch in text:
-        if ch in "\n\t\r":
-            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
-        elif unicodedata.category(ch) == "Cc":
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        elif ch in _BIDI:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def format_metadata(meta: dict[str, Any]) -> str:
-    """The `info` text output: one `key: value` line per field, sorted, with control characters escaped.
-
-    Non-string values are shown as JSON. The result never contains a raw control character, so a
-    file's metadata cannot move the cursor, clear the screen or retitle the terminal.
-    """
-    lines = []
-    for key in sorted(meta, key=str):
-        value = meta[key]
-        shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False,
-                                                                 default=str)
-        lines.append(f"{escape_control(str(key))}: {escape_control(shown)}")
-    return "\n".join(lines)

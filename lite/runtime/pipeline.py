@@ -22,32 +22,36 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from lite.errors import InputError
-from lite.memory import device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lite.memory import HostPeakSampler, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lite.model import latents
 from lite.model.checkpoint import LoadReport, find_checkpoint, model_id_of
 from lite.model.config import PreprocessorConfig
 from lite.model.preflight import check_checkpoint_files
+from lite.runtime.host_pages import PhasePageRelease
 from lite.model.images import as_image, as_images
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.modeling_yak import RefinedText
-from lite.model.processing import (T2I_PREFIX, Turn, concat_vision, edit_output_size,
+from lite.model.processing import (T2I_PREFIX, Turn, edit_output_size,
                                    generation_prompt, generation_vision_input, preprocess_image, stretch, t2i_size,
                                    tokenize_with_images, truncate_left, unconditional, understanding_prompt,
                                    white_canvas)
 from lite.model.tokenizer import load_tokenizer
 from lite.progress import progress_bar
 from lite.runtime.caches import RuntimeCaches
+from lite.runtime.condition_cache import refined_condition
 from lite.runtime.cpu.install import CpuHooks, install_cpu_plan
 from lite.runtime.cpu.plan import CpuPlan
 from lite.runtime.cpu.probes import this_machine_plan
+from lite.runtime.decode import Sampling
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
-from lite.runtime.streaming import generate_on, stream_tokens
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
 from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
+from lite.runtime.understanding import answer
+from lite.runtime.vision import visual_embeddings
 from lite.sampling import Guidance, guided_nfe
 from lite.validation import (MAX_SIDE, MIN_SIDE, check_cfg, check_max_new_tokens, check_positive_int, check_probability,
                              check_seed, check_temperature, check_text)
@@ -67,11 +71,14 @@ class RunStats:
     width: int = 0
     height: int = 0
     peak_device_bytes: int | None = None
-    peak_rss_bytes: int = 0
+    peak_rss_bytes: int = 0  # the process's high-water mark (VmHWM): the load's peak included
+    peak_anon_bytes: int = 0  # during the run: anonymous (heap, converted weights, activations) ...
+    peak_mapped_bytes: int = 0  # ... and file-backed (checkpoint pages a phase reads, libraries)
     tokens: int = 0  # understanding: generated tokens
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # understanding: prefix tokens reused; every task: caches' stats
 
 
 class OvisPipeline:
@@ -87,6 +94,7 @@ class OvisPipeline:
         self.load_report = load_report
         self.phase_listeners: list[PhaseListener] = []
         self.last_run: RunStats | None = None
+        self._host_peaks: HostPeakSampler | None = None  # the running call's host memory sampler
         self.model_id = "AIDC-AI/Ovis-U1-3B"
         self.vae_tile: int | None = None  # decode/encode tile side (px); None = untiled
         self.preset: Preset | None = None
@@ -125,6 +133,8 @@ class OvisPipeline:
         if budget is not None:
             pipe.enable_offload(budget)
         if dev.type == "cpu":  # the CPU plan's kernels, as hooks (paging takes off what it must by itself)
+            if budget is None:  # each phase's unused checkpoint pages leave the RSS (lite.runtime.host_pages)
+                pipe.phase_listeners.append(PhasePageRelease(model))
             pipe.cpu_plan, auto = this_machine_plan(), dtype in (None, "auto")
             pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
             pipe.compute_dtype, pipe.compute_reason = pipe.cpu_hooks.compute_dtype, pipe.cpu_plan.compute.reason if auto else None
@@ -186,12 +196,10 @@ class OvisPipeline:
         """Prompt text + images -> [1, L, H] LLM input embeddings, truncated from the left."""
         ids = tokenize_with_images(self.tokenizer, text).to(self.device)
         visual: list[torch.Tensor] = []
-        if images:
+        if images:  # through the vision cache: an edit's source image is encoded once for its two conditions
             prep = generation_vision_input if generation else preprocess_image
-            vis = concat_vision([prep(img, self.pp) for img in images])
-            vit_dtype = self.model.visual_tokenizer.backbone.preprocessor.patchifier.proj.weight.dtype
-            visual = self.model.visual_embeddings(vis.pixel_values.to(self.device, vit_dtype),
-                                                  vis.grid_thws.to(self.device))
+            visual, _ = visual_embeddings(self.model, [prep(img, self.pp) for img in images], self.device,
+                                          self.caches.vision)
         embeds = self.model.merge_multimodal(ids, visual)
         return truncate_left(embeds, self.model.config.multimodal_max_length)
 
@@ -209,8 +217,8 @@ class OvisPipeline:
         t0 = time.perf_counter()
         out: dict[str, Condition] = {}
         with self._bar(len(specs), "conditions") as bar:
-            for name, content, img in specs:
-                out[name] = self.condition(content, img)
+            for name, content, img in specs:  # cached by (content, image): a repeat skips ViT, LLM and refiner
+                out[name] = Condition(refined_condition(self.caches.conditions, content, img, self.condition))
                 bar.update(1)
         stats.phases["conditions"] = time.perf_counter() - t0
         return out
@@ -237,44 +245,23 @@ class OvisPipeline:
             raise InputError(f"the history's turns have {earlier} image(s) but only {len(imgs)} were given; pass "
                              "the whole conversation's images, earlier turns first")
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         w = max((img.size[0] for img in imgs), default=448)
         h = max((img.size[1] for img in imgs), default=448)
         wl = self.workload("understand", w, h, max_new_tokens=max_new_tokens, num_images=max(len(imgs), 1))
         stats = RunStats(task="understand", settings={"max_new_tokens": max_new_tokens, "do_sample": do_sample})
         prompt = understanding_prompt(question, len(imgs) - earlier, history)
+        sampling = Sampling(do_sample, temperature, top_p, seed)
 
-        def generate_kwargs() -> dict[str, Any]:
+        def pieces() -> Iterator[str]:
             self._phase("conditions")
-            with torch.no_grad():
-                embeds = self._llm_inputs(prompt, imgs, generation=False)
-            kwargs: dict[str, Any] = dict(
-                inputs_embeds=embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device),
-                eos_token_id=self.model.config.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-                torch.manual_seed(seed)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            return kwargs
+            yield from answer(self, prompt, imgs, sampling, max_new_tokens, stats, start)
+            self._finish(stats, start)
 
         if stream:  # tokens already shown cannot be taken back, so a stream is not retried
             self.offload.prepare(wl)
-            return self._stream(generate_kwargs(), stats, start)
-
-        def run() -> str:
-            out = generate_on(self.model.llm, generate_kwargs(), [], self.device)
-            stats.tokens = int(out.shape[-1])
-            return self.tokenizer.decode(out[0], skip_special_tokens=True)
-
-        answer = self.offload.run(wl, run)
-        self._finish(stats, start)
-        return answer
-
-    def _stream(self, kwargs: dict[str, Any], stats: RunStats, start: float) -> Iterator[str]:
-        yield from stream_tokens(self.model.llm, self.tokenizer, kwargs, stats)
-        self._finish(stats, start)
+            return pieces()
+        return self.offload.run(wl, lambda: "".join(pieces()))
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -352,7 +339,7 @@ class OvisPipeline:
         check_positive_int("seed", seed, 0, 2**63 - count)
         width, height = size
         start = time.perf_counter()
-        reset_device_peak(self.device)
+        self._start_peaks()
         nfe = self.planned_nfe(task, steps, solver, spacing, guidance.interval, width * height)
 
         def run() -> list[Image.Image]:
@@ -427,10 +414,21 @@ class OvisPipeline:
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
+    def _start_peaks(self) -> None:
+        """Reset the device peak; sample the host's anonymous and mapped peaks until `_finish`."""
+        reset_device_peak(self.device)
+        if self._host_peaks is not None:
+            self._host_peaks.stop()  # a run that raised never reached `_finish`
+        self._host_peaks = HostPeakSampler(interval=0.02, exact=False).start()
+
     def _finish(self, stats: RunStats, start: float) -> RunStats:
         stats.seconds = time.perf_counter() - start
         stats.peak_device_bytes = device_peak_bytes(self.device)
         stats.peak_rss_bytes = peak_rss_bytes()
+        if self._host_peaks is not None:
+            host, self._host_peaks = self._host_peaks.stop(), None
+            stats.peak_anon_bytes, stats.peak_mapped_bytes = host.peak_anon, host.peak_mapped
+        stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
             from lite.runtime.hardware import detect

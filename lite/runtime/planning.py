@@ -18,6 +18,7 @@ from offload.units import Unit
 from lite.errors import InputError
 from lite.memory import format_bytes
 from lite.model.config import OvisU1Config, PreprocessorConfig
+from lite.model.host_plan import HostPlan, host_plan
 from lite.model.memory_profile import Workload, activation_bytes, ovis_units, resize_units
 from lite.runtime.machine import GiB, Machine
 from lite.runtime.presets import PRESETS, Preset
@@ -98,13 +99,34 @@ def plan_preset(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, ta
     return plan_workload(model, config, pp, wl, budget, 1, module_bytes_for(preset, model, device_type))[1]
 
 
+#: How a phase is named where the task gives it another meaning (understanding's one phase is the answer).
+PHASE_LABELS = {("understand", "conditions"): "answer"}
+
+
+def task_phases(phase_peaks: dict[str, int], task: str) -> list[str]:
+    """The phases a task runs: understanding builds no latent, so it has no denoise or decode."""
+    return ["conditions"] if task == "understand" else list(phase_peaks)
+
+
 def resident_peak(p: Plan) -> int:
     """For an all-resident plan: every weight of the task on the device, plus the worst activation."""
     return p.resident_weight_bytes + max(p.activation_bytes.values(), default=0)
 
 
+def host_plan_of(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
+                 height: int = 1024) -> HostPlan:
+    """What a CPU run of `preset` holds in host memory, anonymous and mapped, per phase (lite.model.host_plan)."""
+    model = _meta_model(config)
+    wl = preset_workload(preset, task, width, height, "cpu")
+    return host_plan(model, config, pp, wl, preset.precision.policy("cpu"),
+                     sizes=module_bytes_for(preset, model, "cpu"))
+
+
 def planned_peak(preset: Preset, config: OvisU1Config, pp: PreprocessorConfig, task: str, width: int = 1024,
                  height: int = 1024, device_type: str = "cuda", budget_bytes: int | None = None) -> int:
+    """The planned peak: of the device while paging, else of everything resident; on a CPU, the host plan's."""
+    if device_type == "cpu" and not pages(preset, budget_bytes):
+        return host_plan_of(preset, config, pp, task, width, height).peak.total
     p = plan_preset(preset, config, pp, task, width, height, device_type, budget_bytes)
     return p.planned_peak_bytes if pages(preset, budget_bytes) else resident_peak(p)
 
@@ -226,6 +248,23 @@ def _sampler_text(row: dict[str, Any]) -> str:
     if row["cfg_interval"]:
         text += f", CFG for t ≥ {row['cfg_interval'][0]:g}"
     return f"{text} ({row['nfe']['t2i']} / {row['nfe']['edit']})"
+
+
+def preset_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """`ovis-lite presets` as plain text, the README's columns in lines of at most 100 characters; the last
+    column says which device each row was planned for (the README plans every preset for its own device)."""
+    head = f"{'preset':<10} {'for':<13} {'sampler (NFE t2i / edit)':<35} {'understand':>10} {'t2i 1024²':>10} " \
+           f"{'edit 1024²':>10} on"
+    lines = [head]
+    for row in rows:
+        peaks = [f"{v / GiB:.2f} GiB" if v is not None else "n/a" for v in row["planned_peak_bytes"].values()]
+        lines.append(f"{row['name']:<10} {PRESETS[row['name']].audience:<13} {_sampler_text(row):<35} "
+                     f"{peaks[0]:>10} {peaks[1]:>10} {peaks[2]:>10} {row['planned_for']}")
+    moved = [row for row in rows if row["planned_for"] != PRESETS[row["name"]].devices[0]]
+    for row in moved:  # the README plans every preset for its own device
+        lines.append(f"note: {row['name']} is planned for {row['planned_for']} here; the README's row is for "
+                     f"{PRESETS[row['name']].devices[0]} (presets --device cuda)")
+    return lines
 
 
 def preset_markdown(config: OvisU1Config, pp: PreprocessorConfig) -> str:

@@ -7,12 +7,9 @@ on stderr and answered with a 500 JSON error, and the server goes on.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator
 
@@ -22,138 +19,18 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lite.server.guard import BodyTooLarge, Guard, api_error, disconnected, http_error, user_error
-from lite.server.jobs import Job, JobQueue, QueueFull, ShuttingDown
-from lite.server.metrics import Metrics
-from lite.server.openai_schema import (
-    ApiError,
-    Limits,
-    decode_image_bytes,
-    decode_image_url,
-    parse_chat,
-    parse_image_request,
-)
+from lite.server.bodies import edit_form, json_body
+from lite.server.errors import ApiError
+from lite.server.guard import Guard, api_error, disconnected, http_error, user_error
+from lite.server.images_in import decode_image_bytes
+from lite.server.job_routes import create_job, delete_job, get_job, job_events, list_jobs
+from lite.server.jobs import Job
+from lite.server.openai_schema import parse_chat, parse_image_request
+from lite.server.state import (SSE_HEADERS, Server, ServerSettings, job_error, job_extension, job_info, srv, sse,
+                               submit, wait_for)
 from lite.server.tasks import chat_job, image_job
 
-MODEL_ID = "Ovis-U1-3B"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class ServerSettings:
-    limits: Limits = field(default_factory=Limits)
-    api_key: str | None = None
-    model_name: str = MODEL_ID
-    device: str = "cpu"
-
-
-class Server:
-    """The resident pipeline, its queue and its counters: what every handler shares."""
-
-    def __init__(self, pipe: Any, settings: ServerSettings) -> None:
-        self.pipe = pipe
-        self.settings = settings
-        self.limits = settings.limits
-        self.metrics = Metrics()
-        self.queue = JobQueue(settings.limits.max_queue, on_finish=self._finished)
-        self.started = time.time()
-
-    def _finished(self, job: Job) -> None:
-        stats = getattr(self.pipe, "last_run", None) if job.state == "done" else None
-        self.metrics.job_finished(job.task, job.state, stats)
-
-    @property
-    def preset_name(self) -> str | None:
-        return getattr(getattr(self.pipe, "preset", None), "name", None)
-
-    def defaults(self) -> dict[str, Any]:
-        """The preset's sampler, shown by the page and /health."""
-        preset = getattr(self.pipe, "preset", None)
-        if preset is None:
-            return {"steps": 50, "solver": "euler", "spacing": "linear"}
-        return {"steps": preset.steps, "solver": preset.solver, "spacing": preset.spacing}
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers.
-# ---------------------------------------------------------------------------------------------
-
-def srv(request: Request) -> Server:
-    return request.app.state.server
-
-
-async def json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw.strip():
-        raise ApiError("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise ApiError(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def submit(server: Server, job: Job) -> Job:
-    try:
-        return server.queue.submit(job)
-    except QueueFull:
-        raise ApiError(f"the queue is full ({server.limits.max_queue} jobs waiting); retry later",
-                       status=429, type="rate_limit_error", code="queue_full") from None
-    except ShuttingDown:
-        raise ApiError("the server is shutting down", status=503, type="server_error", code="shutting_down") from None
-
-
-def job_error(server: Server, exc: BaseException) -> ApiError:
-    """A failed job's exception as the client sees it (real bugs are re-raised: a logged 500)."""
-    import torch
-
-    from offload.errors import UserError
-
-    from lite.errors import Cancelled
-
-    if isinstance(exc, ShuttingDown) or (isinstance(exc, Cancelled) and server.queue.closed):
-        return ApiError("the server is shutting down; the job was cancelled", status=503, type="server_error",
-                        code="shutting_down")
-    if isinstance(exc, Cancelled):
-        return ApiError(f"the job was cancelled: {exc}", status=409, code="cancelled")
-    if isinstance(exc, torch.OutOfMemoryError):
-        return ApiError("out of device memory (after one retry with a smaller plan); choose a smaller size "
-                        "or preset", status=503, type="server_error", code="out_of_memory")
-    if isinstance(exc, UserError):
-        return ApiError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    raise exc
-
-
-async def wait_for(request: Request, server: Server, job: Job) -> Any:
-    """The job's result; a client that goes away cancels its job (queued: dropped; running: next step)."""
-    fut = asyncio.wrap_future(job.future)
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-    while True:
-        done, _ = await asyncio.wait({fut}, timeout=0.25)
-        if done:
-            break
-        if await request.is_disconnected():
-            server.queue.cancel(job, "the client disconnected")
-            server.metrics.count("disconnects")
-            raise ClientDisconnect()
-    if fut.exception() is not None:
-        raise job_error(server, fut.exception())
-    result = fut.result()
-    job.release()
-    return result
-
-
-def job_extension(job: Job) -> dict[str, Any]:
-    """Non-OpenAI fields under one key: which job, its place in the queue and its timings."""
-    return {"job": job.id, "seq": job.seq, "queued_at": job.created, "started_at": job.started,
-            "finished_at": job.finished}
-
-
-def sse(data: Any, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n"
+__all__ = ["ServerSettings", "create_app"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +40,15 @@ def sse(data: Any, event: str | None = None) -> str:
 async def page(request: Request) -> Response:
     html = resources.files("lite.server").joinpath("page.html").read_text(encoding="utf-8")
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="7" '
+           'fill="#2f6f4f"/><circle cx="8" cy="8" r="3" fill="#fff"/></svg>')
+
+
+async def favicon(request: Request) -> Response:
+    """The page's icon, so a browser's automatic /favicon.ico request is not a 404 in its console."""
+    return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
 async def health(request: Request) -> Response:
@@ -213,7 +99,7 @@ async def metrics(request: Request) -> Response:
 
 async def chat_completions(request: Request) -> Response:
     server = srv(request)
-    req = parse_chat(await json_body(request), server.limits)
+    req = await server.off_loop(parse_chat, await json_body(request), server.limits)  # images decode off the loop
     job = Job("chat", chat_job(server.pipe, req, stream=req.stream),
               info={"max_tokens": req.max_tokens, "images": len(req.images), "turns": len(req.history) + 1})
     cid, created, name = "chatcmpl-" + job.id[4:], int(time.time()), server.settings.model_name
@@ -288,135 +174,29 @@ def _image_response(job: Job, result: dict[str, Any]) -> Response:
                         headers={"X-Job-Id": job.id})
 
 
-def _job_info(req: Any) -> dict[str, Any]:
-    return {"prompt": req.prompt, "size": f"{req.width}x{req.height}" if req.width else None, "n": req.n,
-            "seed": req.seed, "steps": req.steps, "negative_prompt": req.negative_prompt}
-
-
 async def image_generations(request: Request) -> Response:
     server = srv(request)
     req = parse_image_request(await json_body(request), server.limits, "t2i")
-    job = submit(server, Job("t2i", image_job(server.pipe, req), info=_job_info(req)))
+    job = submit(server, Job("t2i", image_job(server.pipe, req), info=job_info(req)))
     return _image_response(job, await wait_for(request, server, job))
 
 
 async def image_edits(request: Request) -> Response:
+    """multipart/form-data: one `image` file, `prompt` and the generation fields; no `mask`."""
     server = srv(request)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError("images/edits takes multipart/form-data with an 'image' file and a 'prompt'")
-    try:
-        form = await request.form(max_files=4, max_fields=64, max_part_size=server.limits.max_body_bytes)
-    except (ClientDisconnect, BodyTooLarge):
-        raise
-    except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors
-        raise ApiError(f"cannot parse the multipart form ({type(exc).__name__}: {exc})") from None
-    upload = form.get("image") or form.get("image[]")
-    if upload is None or isinstance(upload, str):
-        raise ApiError("'image' is a required file field (multipart/form-data)", "image")
-    image = decode_image_bytes(await upload.read(), server.limits, "image")
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    fields, data = await edit_form(request, server.limits.max_body_bytes)
+    parse_image_request(fields, server.limits, "edit")  # the fields are checked before the image is decoded
+    image = await server.off_loop(decode_image_bytes, data, server.limits.max_image_pixels, "image")
     req = parse_image_request(fields, server.limits, "edit", image)
-    job = submit(server, Job("edit", image_job(server.pipe, req), info=_job_info(req)))
+    job = submit(server, Job("edit", image_job(server.pipe, req), info=job_info(req)))
     return _image_response(job, await wait_for(request, server, job))
-
-
-# ---------------------------------------------------------------------------------------------
-# Jobs: submit now, watch progress and previews over SSE, fetch the result.
-# ---------------------------------------------------------------------------------------------
-
-async def create_job(request: Request) -> Response:
-    """POST /v1/jobs {"task": "generate"|"edit", ...the images/generations fields, "image": data URI}."""
-    server = srv(request)
-    body = await json_body(request)
-    task = {"generate": "t2i", "t2i": "t2i", "edit": "edit"}.get(body.get("task"))
-    if task is None:
-        raise ApiError(f"task must be 'generate' or 'edit', got {body.get('task')!r}", "task")
-    image = None
-    if task == "edit":
-        if body.get("image") is None:
-            raise ApiError("an edit job needs 'image' as a data URI", "image")
-        image = decode_image_url(body["image"], server.limits, "image")
-    req = parse_image_request(body, server.limits, task, image)
-    job = Job(task, image_job(server.pipe, req), keep_result=True, wants_preview=bool(body.get("preview", True)),
-              info=_job_info(req))
-    submit(server, job)
-    return JSONResponse(job.status(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-
-
-def _get_job(request: Request) -> Job:
-    job = srv(request).queue.get(request.path_params["job_id"])
-    if job is None:
-        raise ApiError(f"no job {request.path_params['job_id']!r} (finished jobs are kept for a while only)",
-                       "job_id", status=404, code="job_not_found")
-    return job
-
-
-def _final(server: Server, job: Job) -> dict[str, Any]:
-    if job.state == "done":
-        return {"type": "done", "id": job.id, "result": job.future.result() if job.keep_result else None}
-    exc = job.future.exception()
-    try:
-        err = job_error(server, exc)
-    except BaseException:
-        err = ApiError("internal server error (logged on the server)", status=500, type="server_error")
-    return {"type": "cancelled" if job.state == "cancelled" else "error", "id": job.id, "message": err.message}
-
-
-async def list_jobs(request: Request) -> Response:
-    server = srv(request)
-    return JSONResponse({"object": "list", "data": [j.status() for j in server.queue.snapshot()]})
-
-
-async def get_job(request: Request) -> Response:
-    server, job = srv(request), _get_job(request)
-    body = job.status()
-    if job.future.done():
-        body["result"] = _final(server, job)
-    return JSONResponse(body)
-
-
-async def delete_job(request: Request) -> Response:
-    server, job = srv(request), _get_job(request)
-    if not job.future.done():
-        server.queue.cancel(job)
-    return JSONResponse(job.status())
-
-
-async def job_events(request: Request) -> Response:
-    server, job = srv(request), _get_job(request)
-    events = job.subscribe()
-
-    async def stream() -> AsyncIterator[str]:
-        try:
-            yield sse(job.status() | {"type": "status"}, "status")
-            if job.future.done():
-                final = _final(server, job)
-                yield sse(final, final["type"])
-                return
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=10)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if event["type"] in ("error", "cancelled"):
-                    event = _final(server, job)
-                yield sse(event, event["type"])
-                if event["type"] in ("done", "error", "cancelled"):
-                    return
-        finally:
-            job.unsubscribe(events)
-            if not job.future.done() and not job.watched:
-                server.queue.cancel(job, "the client stopped watching")
-                server.metrics.count("disconnects")
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def create_app(pipe: Any, settings: ServerSettings) -> Starlette:
     server = Server(pipe, settings)
     routes = [
         Route("/", page, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),

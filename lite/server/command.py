@@ -41,6 +41,13 @@ def add_serve_parser(subparsers: Any) -> None:
                         "(default: $OVIS_LITE_API_KEY, else none)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header is NAME (repeatable; '*.example.com' for a domain, "
+                        "'*' for any). By default only loopback names and the bound address are served: "
+                        "a guard against DNS rebinding")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable; '*' for "
+                        "any). By default requests carrying another site's Origin are refused")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait for the device (default: 16)")
     p.add_argument("--max-body-mb", type=float, default=25.0, help="largest request body in MiB (default: 25)")
     p.add_argument("--max-image-pixels", type=int, default=16 * 2**20,
@@ -71,6 +78,7 @@ def check_args(args: argparse.Namespace) -> Any:
     """Refuse bad options before anything loads; returns the Limits."""
     from lite.errors import InputError
     from lite.server.openai_schema import Limits
+    from lite.server.trust import normal_origin
 
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         raise InputError(f"--host {args.host} is not a loopback address, so anyone who can reach this machine could "
@@ -88,6 +96,13 @@ def check_args(args: argparse.Namespace) -> Any:
         raise InputError(f"--max-side must be between 16 and 4096, got {args.max_side}")
     if not args.max_body_mb > 0:
         raise InputError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    for origin in getattr(args, "cors_origin", []):
+        if origin != "*" and normal_origin(origin) is None:
+            raise InputError(f"--cors-origin {origin!r} is not a web origin; give scheme://host[:port], "
+                             "e.g. http://localhost:3000")
+    for name in getattr(args, "allowed_host", []):
+        if not name.strip() or "/" in name:
+            raise InputError(f"--allowed-host {name!r} is not a host name; give a name such as my-box.lan")
     return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
                   max_prompt_chars=args.max_prompt_chars, max_side=args.max_side, max_n=args.max_n,
                   max_steps=args.max_steps, max_tokens=args.max_tokens, max_queue=args.max_queue)
@@ -132,9 +147,11 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from lite.server.app import ServerSettings, create_app
+    from lite.server.trust import Trust
 
     pipe = load(args)
-    settings = ServerSettings(limits=limits, api_key=args.api_key or None, device=str(pipe.device))
+    trust = Trust.for_bind(args.host, args.allowed_host, args.cors_origin)
+    settings = ServerSettings(limits=limits, api_key=args.api_key or None, device=str(pipe.device), trust=trust)
     app = create_app(pipe, settings)
     server_state = app.state.server
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=not args.quiet,
@@ -149,7 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
     sock.listen(2048)  # from now on connections wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"ovis-lite: serving {settings.model_name} ({getattr(pipe.preset, 'name', 'no preset')}) on "
+    print(f"ovis-lite: serving {pipe.model_id} ({getattr(pipe.preset, 'name', 'no preset')}) on "
           f"http://{shown}:{port}/", flush=True)
     # uvicorn re-raises the signal it caught once it has shut down; a no-op handler makes that a clean exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -157,6 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         server_state.queue.close()
+        server_state.parsers.shutdown(wait=False, cancel_futures=True)
         server_state.queue.join(5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

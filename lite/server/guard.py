@@ -1,5 +1,6 @@
-"""The server's outer layer: API key, body-size limit, request and error counters, and the error handlers
-that turn every failure into an OpenAI-style JSON error (a real bug: a logged 500, and the server goes on)."""
+"""The server's outer layer: Host and Origin checks (lite.server.trust), CORS for the allowed origins,
+API key, body-size limit, request and error counters, and the error handlers that turn every failure
+into an OpenAI-style JSON error (a real bug: a logged 500, and the server goes on)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from lite.server.openai_schema import ApiError, error_body
+from lite.server.errors import ApiError, BodyTooLarge, error_body
 
 DRAIN_FACTOR = 4  # an oversized body is read and dropped up to 4x the limit, then the connection closes
-
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -40,10 +42,6 @@ async def disconnected(request: Request, exc: Exception) -> Response:
     return JSONResponse(error_body("the client disconnected"), status_code=499)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class Guard:
     """Outermost ASGI middleware: API key, body-size limit, request/error counters, the 500 catch-all."""
 
@@ -60,16 +58,39 @@ class Guard:
         path = scope["path"]
         started = {"status": 0}
 
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        cors = origin is not None and server.trust.is_cross_origin(origin, headers.get("host"))
+
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 started["status"] = message["status"]
+                if cors:  # only reached for an allowed origin: the others were refused below
+                    message["headers"] = [*message.get("headers", []), (b"access-control-allow-origin",
+                                          origin.encode("latin-1")), (b"vary", b"Origin")]
             await send(message)
 
         async def reply(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send_wrapper)
 
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            if not server.trust.host_allowed(headers.get("host")):
+                cors = False
+                await reply(403, error_body(f"Host {headers.get('host')!r} is not this server's name (a DNS-rebinding "
+                                            "guard); use http://127.0.0.1:PORT/, or start the server with "
+                                            "--allowed-host NAME", code="host_not_allowed"))
+                return
+            if origin is not None and not server.trust.origin_allowed(origin, headers.get("host")):
+                cors = False
+                await reply(403, error_body(f"requests from the web origin {origin!r} are refused (a cross-site "
+                                            "guard); start the server with --cors-origin ORIGIN to allow it",
+                                            code="origin_not_allowed"))
+                return
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                preflight = {"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+                             "Access-Control-Max-Age": "600"}
+                await Response(status_code=204, headers=preflight)(scope, receive, send_wrapper)
+                return
             key = server.settings.api_key
             if key is not None and (path.startswith("/v1/") or path == "/metrics"):
                 given = headers.get("authorization", "")

@@ -53,6 +53,8 @@ class Job:
     keep_result: bool = False  # /v1/jobs results are kept for GET; OpenAI routes hand theirs back directly
     wants_preview: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # public settings shown by GET /v1/jobs/{id}
+    # Handed to the creator only: the one whose closed /events stream (?owner=TOKEN) cancels the job.
+    owner_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     _listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,6 +65,9 @@ class Job:
     @property
     def watched(self) -> bool:
         return bool(self._listeners)
+
+    def owned_by(self, token: str | None) -> bool:
+        return token is not None and secrets.compare_digest(token.encode(), self.owner_token.encode())
 
     def status(self) -> dict[str, Any]:
         out = {"id": self.id, "object": "job", "task": self.task, "state": self.state, "position": self.position,

@@ -6,17 +6,18 @@ an `ApiError`: a 4xx with `{"error": {"message", "type", "param", "code"}}`. Not
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from lite.errors import InputError
 from lite.model.processing import Turn
+from lite.validation import MIN_TEMPERATURE, check_encodable, shown
+from lite.server.errors import ApiError
+from lite.server.images_in import load_images, open_image, url_bytes
 
 
 @dataclass(frozen=True)
@@ -34,42 +35,29 @@ class Limits:
     max_queue: int = 16
 
 
-class ApiError(Exception):
-    """A request the client can fix: an HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 # ---------------------------------------------------------------------------------------------
 # Scalars.
 # ---------------------------------------------------------------------------------------------
 
 def _number(body: dict[str, Any], name: str, low: float, high: float, default: float | None,
             integer: bool = False) -> Any:
-    """A number field (JSON numbers, or the strings a multipart form carries)."""
+    """A number field (JSON numbers, or the strings a multipart form carries); huge integers are compared
+    exactly (never converted to float, which would overflow)."""
     value = body.get(name)
     if value is None or value == "":
         return default
+    kind = "an integer" if integer else "a number"
     if isinstance(value, str):
         try:
             value = int(value) if integer else float(value)
         except ValueError:
-            raise ApiError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", name) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise ApiError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", name)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise ApiError(f"{name} must be between {low:g} and {high:g}, got {value!r}", name)
+            raise ApiError(f"{name} must be {kind}, got {shown(value)}", name) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(f"{name} must be {kind}, got {type(value).__name__}", name)
+    if isinstance(value, float) and (not math.isfinite(value) or (integer and not value.is_integer())):
+        raise ApiError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {shown(value)}", name)
+    if not low <= value <= high:
+        raise ApiError(f"{name} must be between {low:g} and {high:g}, got {shown(value)}", name)
     return int(value) if integer else float(value)
 
 
@@ -86,7 +74,15 @@ def _text(body: dict[str, Any], name: str, limits: Limits, required: bool = True
     if len(value) > limits.max_prompt_chars:
         raise ApiError(f"{name} has {len(value)} characters; at most {limits.max_prompt_chars} are accepted "
                        f"(the server's --max-prompt-chars)", name)
-    return value
+    return valid_text(value, name)
+
+
+def valid_text(value: str, param: str) -> str:
+    """Text that is valid Unicode (a lone surrogate could be neither tokenized nor sent back as JSON)."""
+    try:
+        return check_encodable(param, value)
+    except InputError as exc:
+        raise ApiError(str(exc), param) from None
 
 
 def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
@@ -94,50 +90,8 @@ def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: 
     if value is None or value == "":
         return default
     if value not in allowed:
-        raise ApiError(f"{name} must be one of {', '.join(allowed)}, got {value!r}", name)
+        raise ApiError(f"{name} must be one of {', '.join(allowed)}, got {shown(value)}", name)
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Images in.
-# ---------------------------------------------------------------------------------------------
-
-DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
-
-
-def decode_image_bytes(data: bytes, limits: Limits, param: str) -> Image.Image:
-    """Bytes of an image file -> RGB PIL image, refusing oversized images before decoding pixels."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > limits.max_image_pixels:
-            raise ApiError(f"image is {w}x{h} = {w * h} pixels; at most {limits.max_image_pixels} are accepted "
-                           f"(the server's --max-image-pixels); downscale it first", param)
-        img.load()
-        return img.convert("RGB")
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise ApiError(f"cannot read the image: not a valid image file ({type(exc).__name__})", param) from None
-
-
-def decode_image_url(url: Any, limits: Limits, param: str) -> Image.Image:
-    """A `data:image/...;base64,...` URI -> image. The server fetches nothing, so http(s) URLs are refused."""
-    if not isinstance(url, str):
-        raise ApiError(f"{param} must be a string data URI, got {type(url).__name__}", param)
-    if re.match(r"^\s*(https?|ftp|file):", url, re.I):
-        raise ApiError("image URLs are not fetched (the server reaches nothing outside); send the image inline "
-                       "as a data URI: data:image/png;base64,...", param)
-    m = DATA_URI.match(url)
-    if not m or not m.group("b64"):
-        raise ApiError("image_url must be a base64 data URI such as data:image/png;base64,...", param)
-    if m.group("mime") and not m.group("mime").lower().startswith("image/"):
-        raise ApiError(f"image_url has media type {m.group('mime')}; it must be an image/* data URI", param)
-    try:
-        data = base64.b64decode(url[m.end():], validate=False)
-    except (binascii.Error, ValueError):
-        raise ApiError("image_url's base64 payload is not valid base64", param) from None
-    return decode_image_bytes(data, limits, param)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,17 +116,20 @@ class ChatRequest:
     text_chars: int = 0
 
 
-def _message_parts(message: dict[str, Any], i: int, limits: Limits) -> tuple[str, list[Image.Image]]:
+ImageRef = tuple[Any, str]  # (the image_url value as sent, its param path): not decoded yet
+
+
+def _message_parts(message: dict[str, Any], i: int) -> tuple[str, list[ImageRef]]:
     content = message.get("content")
     param = f"messages[{i}].content"
     if isinstance(content, str):
-        return content, []
+        return valid_text(content, param), []
     if content is None:
         return "", []
     if not isinstance(content, list):
         raise ApiError(f"{param} must be a string or a list of parts", param)
     texts: list[str] = []
-    images: list[Image.Image] = []
+    refs: list[ImageRef] = []
     for j, part in enumerate(content):
         where = f"{param}[{j}]"
         if not isinstance(part, dict):
@@ -181,25 +138,41 @@ def _message_parts(message: dict[str, Any], i: int, limits: Limits) -> tuple[str
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise ApiError(f"{where}.text must be a string", f"{where}.text")
-            texts.append(part["text"])
+            texts.append(valid_text(part["text"], f"{where}.text"))
         elif kind == "image_url":
             ref = part.get("image_url")
-            url = ref.get("url") if isinstance(ref, dict) else ref
-            images.append(decode_image_url(url, limits, f"{where}.image_url"))
+            refs.append((ref.get("url") if isinstance(ref, dict) else ref, f"{where}.image_url"))
         else:
-            raise ApiError(f"{where}.type must be 'text' or 'image_url', got {kind!r}", f"{where}.type")
-    return "\n".join(texts), images
+            raise ApiError(f"{where}.type must be 'text' or 'image_url', got {shown(kind)}", f"{where}.type")
+    return "\n".join(texts), refs
+
+
+def _count_images(messages: list[Any], limits: Limits) -> None:
+    """Refuse too many images from the parsed JSON alone, before a single one is decoded."""
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(isinstance(part, dict) and part.get("type") == "image_url" for part in content)
+    if count > limits.max_images:
+        raise ApiError(f"the conversation has {count} images; at most {limits.max_images} are accepted "
+                       "(nothing was decoded)", "messages")
 
 
 def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
-    """OpenAI chat messages -> the reference's multi-turn template (system messages are not part of it)."""
+    """OpenAI chat messages -> the reference's multi-turn template (system messages are not part of it).
+
+    Order matters: fields and image count first, then every image's header (its size), and only then
+    are pixels decoded. Run it off the event loop: decoding takes time.
+    """
     messages = body.get("messages")
     if messages is None:
         raise ApiError("'messages' is a required field", "messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("messages must be a non-empty list of {role, content} objects", "messages")
+    _count_images(messages, limits)
     if body.get("n") not in (None, 1):
-        raise ApiError(f"n must be 1 (one answer per request), got {body.get('n')!r}", "n")
+        raise ApiError(f"n must be 1 (one answer per request), got {shown(body.get('n'))}", "n")
     max_tokens = _number(body, "max_completion_tokens", 1, limits.max_tokens, None, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", 1, limits.max_tokens, min(512, limits.max_tokens), integer=True)
@@ -215,44 +188,44 @@ def parse_chat(body: dict[str, Any], limits: Limits) -> ChatRequest:
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
 
     # Collapse consecutive user messages; pair each user message with the assistant answer after it.
-    turns: list[tuple[str, list[Image.Image], str | None]] = []
+    turns: list[tuple[str, list[ImageRef], str | None]] = []
     total_chars = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
         role = message.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(f"messages[{i}].role must be user, assistant or system, got {role!r}", f"messages[{i}].role")
-        text, images = _message_parts(message, i, limits)
+            raise ApiError(f"messages[{i}].role must be user, assistant or system, got {shown(role)}",
+                           f"messages[{i}].role")
+        text, refs = _message_parts(message, i)
         total_chars += len(text)
         if role in ("system", "developer"):
             continue  # the reference's template has no system turn
         if role == "assistant":
-            if images:
+            if refs:
                 raise ApiError("assistant messages cannot carry images", f"messages[{i}].content")
             if not turns or turns[-1][2] is not None:
                 raise ApiError(f"messages[{i}] is an assistant message without a user message before it",
                                f"messages[{i}]")
             turns[-1] = (turns[-1][0], turns[-1][1], text)
         elif turns and turns[-1][2] is None:
-            prev_text, prev_images, _ = turns[-1]
-            turns[-1] = ("\n".join(t for t in (prev_text, text) if t), prev_images + images, None)
+            prev_text, prev_refs, _ = turns[-1]
+            turns[-1] = ("\n".join(t for t in (prev_text, text) if t), prev_refs + refs, None)
         else:
-            turns.append((text, images, None))
+            turns.append((text, refs, None))
     if total_chars > limits.max_prompt_chars:
         raise ApiError(f"the conversation has {total_chars} characters of text; at most {limits.max_prompt_chars} "
                        "are accepted (the server's --max-prompt-chars)", "messages")
     if not turns or turns[-1][2] is not None:
         raise ApiError("the last message must be a user message (the question)", "messages")
-    question, current_images, _ = turns[-1]
+    question, current_refs, _ = turns[-1]
     if not question.strip():
         raise ApiError("the last user message has no text; ask a question", "messages")
-    history = [Turn(q, a or "", len(imgs)) for q, imgs, a in turns[:-1]]
-    images = [img for _, imgs, _ in turns[:-1] for img in imgs] + current_images
-    if len(images) > limits.max_images:
-        raise ApiError(f"the conversation has {len(images)} images; at most {limits.max_images} are accepted",
-                       "messages")
-    do_sample = temperature is not None and temperature > 0
+    history = [Turn(q, a or "", len(refs)) for q, refs, a in turns[:-1]]
+    refs = [ref for _, earlier, _ in turns[:-1] for ref in earlier] + current_refs
+    opened = [open_image(url_bytes(url, param), limits.max_image_pixels, param) for url, param in refs]
+    images = load_images(opened)
+    do_sample = temperature is not None and temperature >= MIN_TEMPERATURE  # below it: greedy (it would overflow)
     if temperature is None and top_p is not None and top_p < 1:
         do_sample, temperature = True, 1.0
     model = body.get("model") if isinstance(body.get("model"), str) else ""
@@ -291,9 +264,9 @@ SPACING_NAMES = ("linear", "logsnr", "karras")
 def parse_size(value: Any, limits: Limits, default: tuple[int, int] | None) -> tuple[int, int] | None:
     if value is None or value == "" or value == "auto":
         return default
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value) if isinstance(value, str) else None
+    m = re.fullmatch(r"\s*([0-9]{1,6})\s*[xX]\s*([0-9]{1,6})\s*", value) if isinstance(value, str) else None
     if not m:
-        raise ApiError(f"size must be 'WIDTHxHEIGHT' such as '1024x1024', got {value!r}", "size")
+        raise ApiError(f"size must be 'WIDTHxHEIGHT' such as '1024x1024', got {shown(value)}", "size")
     w, h = int(m.group(1)), int(m.group(2))
     for side in (w, h):
         if not 16 <= side <= limits.max_side:
@@ -308,11 +281,11 @@ def parse_image_request(body: dict[str, Any], limits: Limits, task: str,
     prompt = _text(body, "prompt", limits)
     fmt = body.get("response_format")
     if fmt not in (None, "", "b64_json"):
-        raise ApiError(f"response_format must be 'b64_json' (the server keeps no files to link to), got {fmt!r}",
+        raise ApiError(f"response_format must be 'b64_json' (the server keeps no files to link to), got {shown(fmt)}",
                        "response_format")
     out_fmt = body.get("output_format")
     if out_fmt not in (None, "", "png"):
-        raise ApiError(f"output_format must be 'png' (it carries the run's metadata), got {out_fmt!r}", "output_format")
+        raise ApiError(f"output_format must be 'png' (it carries the run's metadata), got {shown(out_fmt)}", "output_format")
     if body.get("mask") not in (None, ""):
         raise ApiError("masks are not supported: Ovis-U1 edits from an instruction alone", "mask")
     size = parse_size(body.get("size"), limits, (1024, 1024) if task == "t2i" else None)

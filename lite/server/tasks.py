@@ -12,7 +12,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from lite.errors import Cancelled
-from lite.runtime import outputs
+from lite.runtime import metadata, outputs
 from lite.server.jobs import Job
 from lite.server.openai_schema import ChatRequest, ImageRequest
 
@@ -31,14 +31,15 @@ def run_stats(stats: Any) -> dict[str, Any]:
         return {}
     return {"task": stats.task, "seconds": round(stats.seconds, 4), "nfe": stats.nfe, "steps": stats.steps,
             "width": stats.width, "height": stats.height, "peak_device_bytes": stats.peak_device_bytes,
-            "peak_rss_bytes": stats.peak_rss_bytes, "phases": {k: round(v, 4) for k, v in stats.phases.items()}}
+            "peak_rss_bytes": stats.peak_rss_bytes, "phases": {k: round(v, 4) for k, v in stats.phases.items()},
+            "cache": getattr(stats, "cache", None) or {}}  # understanding: prefix tokens reused, the caches' counts
 
 
 def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
     """generate or edit N images; the step callback reports progress (and previews) and honours cancel."""
 
     def run(job: Job) -> dict[str, Any]:
-        state = {"image": 0, "last": 0}
+        state = {"image": 1, "last": 0}  # "image" counts from 1, as "step" does (the page's bar relies on it)
 
         def callback(step: int, total: int, latent: Any) -> bool | None:
             if job.cancelled:
@@ -72,7 +73,7 @@ def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
         data = []
         for i, image in enumerate(images):
             seed = req.seed + i
-            meta = outputs.image_metadata(pipe.model_id, stats, req.task, getattr(pipe.preset, "name", None), seed,
+            meta = metadata.image_metadata(pipe.model_id, stats, req.task, getattr(pipe.preset, "name", None), seed,
                                           req.negative_prompt)
             if req.task == "edit":
                 meta["source"] = "upload"

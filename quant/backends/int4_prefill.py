@@ -28,10 +28,12 @@ _local = threading.local()
 
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     key = f"{name}-{dtype}"
-    buf = getattr(_local, "buffers", {}).get(key)
+    buffers: dict[str, torch.Tensor] | None = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        _local.__dict__.setdefault("buffers", {})[key] = buf
+        buf = buffers[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

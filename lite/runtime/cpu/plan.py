@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: the LLM is left alone: its dense layers run on one row at every decode step, where packing gains nothing.
 PACKED_COMPONENTS: tuple[str, ...] = ("vision", "yak")
 #: How a decode step's threads are chosen (by the decode loop, per call; recorded here with its reason).
-DECODE_THREADS_POLICY = ("per call: the cores other processes leave free",
+DECODE_THREADS_POLICY = ("per call: the cores other processes leave free (lite/runtime/decode_threads.py)",
                          "a decode step is a chain of memory-bound matrix-vector products between OpenMP barriers: "
                          "a thread on a core another process holds makes every barrier wait (2-30x slower on a "
                          "shared 2-core AMD EPYC), while free cores share the bandwidth")
@@ -99,15 +99,15 @@ class CpuPlan:
         return out
 
     def describe(self, packed_layers: int | None = None) -> list[str]:
-        """A short block for the load report, one choice a line, llama.cpp style."""
-        packed = self.packed.value if packed_layers is None else f"{packed_layers} Linears ({self.packed.value})"
-        rows = (("compute", self.compute.value, self.compute.reason), ("packed", packed, self.packed.reason),
-                ("one-row kernel", self.one_row_kernel.value, self.one_row_kernel.reason),
-                ("int4 layout", self.int4_layout.value, self.int4_layout.reason),
-                ("threads", self.threads.value, self.threads.reason),
-                ("wait policy", self.wait_policy.value, self.wait_policy.reason),
-                ("decode threads", self.decode_threads.value, self.decode_threads.reason))
-        return [f"cpu plan: {self.cpu}"] + [f"  {name:<15} {value}: {reason}" for name, value, reason in rows]
+        """A short block for the load report (llama.cpp style): the CPU, the choices, and why compute and OpenMP
+        are what they are here (every reason is in `to_dict`)."""
+        packed = ("none" if not self.packed_components else
+                  f"{'token-wise' if packed_layers is None else packed_layers} ({', '.join(self.packed_components)})")
+        return [f"cpu plan: {self.cpu}",
+                f"  compute {self.compute.value}, packed Linears {packed}, one-row kernel {self.one_row_kernel.value}, "
+                f"int4 layout {self.int4_layout.value}, threads {self.threads.value}, OpenMP wait "
+                f"{self.wait_policy.value}, decode threads {self.decode_threads.value.split(':')[0]}",
+                f"  because: {self.compute.reason}; {self.wait_policy.reason}"]
 
 
 class ProcessCpu:

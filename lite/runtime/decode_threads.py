@@ -1,0 +1,95 @@
+"""How many threads a CPU decode step gets, decided per call from what the cores are doing now.
+
+A decode step is a chain of memory-bound matrix-vector products separated by OpenMP barriers. When
+every allowed core is free, all of them share the bandwidth and the step is fastest; when another
+process keeps a core busy, a thread placed on it is descheduled and every barrier waits for it (a
+2-core decode with one core taken runs at a fraction of one thread's speed). So the count is the
+number of cores other processes leave free, read from `/proc/stat` over a window that ends now:
+the busy time of the allowed cores minus this process's own CPU time (`CoreWindow`). The window is
+the prompt's prefill (seconds, no extra wait), topped up by a short sleep when it was shorter.
+
+`scripts/bench_decode_threads.py` measures the choice against fixed counts on a quiet and a loaded
+machine (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+MIN_WINDOW_S = 0.1  # a window shorter than this is topped up by sleeping (the clock ticks at 100 Hz)
+FREE_SHARE = 0.7  # a core counts as free when others used at most 30% of it over the window
+
+
+def _allowed_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def read_busy_ticks(cpus: set[int], path: str = "/proc/stat") -> int | None:
+    """Non-idle clock ticks of `cpus` since boot (user+nice+system+irq+softirq+steal), None off Linux."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return None
+    total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+        total += user + nice + system + irq + softirq + steal
+    return total
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclass
+class CoreWindow:
+    """A reading of the allowed cores' busy ticks and this process's CPU time; `free_cores` compares it
+    with now."""
+
+    cpus: set[int]
+    busy_ticks: int | None
+    own_seconds: float
+    wall: float
+
+    @classmethod
+    def start(cls) -> CoreWindow:
+        cpus = _allowed_cpus()
+        return cls(cpus, read_busy_ticks(cpus), _own_cpu_seconds(), time.perf_counter())
+
+    def others_busy_cores(self) -> float | None:
+        """Cores' worth of CPU time other processes used since `start` (None where it cannot be read)."""
+        if self.busy_ticks is None:
+            return None
+        elapsed = time.perf_counter() - self.wall
+        if elapsed < MIN_WINDOW_S:
+            time.sleep(MIN_WINDOW_S - elapsed)
+            elapsed = time.perf_counter() - self.wall
+        busy = read_busy_ticks(self.cpus)
+        if busy is None:
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        others = (busy - self.busy_ticks) / hz - (_own_cpu_seconds() - self.own_seconds)
+        return max(others, 0.0) / elapsed
+
+    def decode_threads(self, limit: int) -> tuple[int, str]:
+        """Threads for the decode that follows (1..`limit`) and the reading it was decided from."""
+        others = self.others_busy_cores()
+        if others is None:
+            return limit, "no core reading: all threads"
+        threads = choose_threads(len(self.cpus), others, limit)
+        return threads, f"others used {others:.2f} of {len(self.cpus)} cores: {threads} decode thread(s)"
+
+
+def choose_threads(cores: int, others_busy: float, limit: int) -> int:
+    """One thread per core that others leave at least `FREE_SHARE` free, within 1..`limit`."""
+    return max(1, min(limit, int(cores - others_busy + (1 - FREE_SHARE))))

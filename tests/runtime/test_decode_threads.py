@@ -1,0 +1,36 @@
+"""The decode thread policy: the /proc/stat reading and the choice made from it (counted by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lite.runtime.decode_threads import choose_threads, read_busy_ticks
+
+STAT = """cpu  100 0 50 1000 7 0 0 0 0 0
+cpu0 10 1 5 500 3 2 1 4 0 0
+cpu1 90 0 45 500 4 0 0 0 0 0
+intr 123
+"""
+
+
+def test_busy_ticks_of_the_allowed_cpus_only(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(STAT)
+    assert read_busy_ticks({0}, str(stat)) == 10 + 1 + 5 + 2 + 1 + 4  # idle and iowait are not busy
+    assert read_busy_ticks({0, 1}, str(stat)) == 23 + 135
+    assert read_busy_ticks({0}, str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("cores, others, limit, expected", [
+    (2, 0.0, 2, 2),  # quiet: every core
+    (2, 0.25, 2, 2),  # a light neighbour leaves the core mostly free
+    (2, 0.5, 2, 1),  # half a core taken: a thread there would stall every barrier
+    (2, 1.0, 2, 1),
+    (2, 3.0, 2, 1),  # never fewer than one
+    (2, 0.0, 1, 1),  # never more than asked
+    (16, 3.5, 16, 12),
+])
+def test_one_thread_per_core_left_free(cores: int, others: float, limit: int, expected: int) -> None:
+    assert choose_threads(cores, others, limit) == expected
