@@ -246,9 +246,9 @@ def _is_lazy_package_attribute(path: Path, line: int) -> bool:
 
 def test_function_level_imports_only_keep_heavy_libraries_off_the_start_up_path() -> None:
     """An import inside a function hides a dependency. It is allowed only where it keeps a heavy library
-    (`HEAVY_LIBRARIES`) off the start-up path, directly or through our module that imports one, and a comment
-    says so. Never the standard library, nor one of our modules that brings no heavy library (that only hid a
-    cycle, or nothing)."""
+    (`HEAVY_LIBRARIES`) off the start-up path, directly or through our module that imports one (and that the
+    importing module does not load already), and a comment says so. Never the standard library, nor one of our
+    modules that defers nothing (that only hid a cycle, or nothing)."""
     import sys
 
     heavy = _heavy_at_import()
@@ -260,14 +260,20 @@ def test_function_level_imports_only_keep_heavy_libraries_off_the_start_up_path(
                 target = module
                 while target and target not in heavy:
                     target = target.rpartition(".")[0]
-                if not heavy.get(target) and not _is_lazy_package_attribute(p, line):
-                    bad.append(f"{where} (loads no heavy library: import it at module level)")
-                elif not says and not _is_lazy_package_attribute(p, line):
-                    bad.append(f"{where} (brings {sorted(heavy[target])}: say in a comment why it waits)")
+                deferred = heavy.get(target, set()) - heavy[_module_of(p)]
+                if _is_lazy_package_attribute(p, line):
+                    continue
+                if not deferred:
+                    bad.append(f"{where} (defers no heavy library this module does not load already: import it "
+                               f"at module level)")
+                elif not says:
+                    bad.append(f"{where} (defers {sorted(deferred)}: say in a comment why it waits)")
             elif _top(module) in sys.stdlib_module_names:
                 bad.append(f"{where} (the standard library: import it at module level)")
             elif _top(module) not in HEAVY_LIBRARIES:
                 bad.append(f"{where} (not a heavy library: import it at module level, or name it heavy here)")
+            elif _top(module) in heavy[_module_of(p)]:
+                bad.append(f"{where} (this module loads it already: import it at module level)")
             elif not says:
                 bad.append(f"{where} (a heavy library: say in a comment why it waits)")
     assert bad == []

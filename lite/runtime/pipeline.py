@@ -47,6 +47,7 @@ from lite.runtime.decode import Sampling
 from lite.runtime.denoise import PRESET, Condition, StepCallback, flow_timesteps, guided_denoise, resolve_sampling
 from lite.runtime.vae import decode_latent, encode_image, set_vae_tiling
 from lite.runtime.devices import dtype_label, resolve_device
+from lite.runtime.hardware import detect
 from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset, get_preset
@@ -431,8 +432,6 @@ class OvisPipeline:
         stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
-            from lite.runtime.hardware import detect
-
             plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
             stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats
