@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lite.cli.report import load_report_cpu, notice, say
+from lite.errors import InputError, Notice
+from lite.runtime.cpu.threads import configure_threads as configure
 
 
 @dataclass
@@ -34,15 +36,7 @@ class RunConfig:
 
 
 def configure_threads(threads: int | None) -> None:
-    """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
-    try:
-        from lite.runtime.cpu.threads import configure_threads as configure
-    except ImportError:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        return
+    """--threads N (default: physical cores), through the CPU threads module."""
     configure(threads)
 
 
@@ -53,6 +47,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 
 def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
     """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.checkpoint import find_checkpoint
     from lite.model.preflight import check_checkpoint_files
     from lite.runtime import planning
@@ -85,6 +80,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
 
 def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
     """For a checkpoint written by `ovis-lite quantize`: which preset and device its weights were made for."""
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.checkpoint import CheckpointKind, checkpoint_kind
     from lite.model.prequantized import read_checkpoint_manifest
 
@@ -97,8 +93,6 @@ def prequantized_origin(directory: Path, preset: str, device_type: str) -> str |
 
 
 def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
-    from lite.errors import InputError
-
     limit = config.answer_token_limit
     if max_new_tokens > limit:
         raise InputError(f"--max-new-tokens {max_new_tokens} is past the model's context: at most {limit} "
@@ -108,7 +102,7 @@ def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
 
 def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
     """Load once; print the notices and the load report (one line each)."""
-    from lite.errors import Notice
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.memory import format_bytes
     from lite.runtime.pipeline import OvisPipeline
 
