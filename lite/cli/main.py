@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 from offload.errors import UserError
 
-from lite.cli import run, tools
-from lite.cli.chat import cmd_chat
 from lite.cli.parser import EXIT_USAGE, build_parser
 from lite.cli.report import user_error_line
 from lite.runtime.cpu.threads import early_environment
@@ -34,13 +32,19 @@ class Terminated(KeyboardInterrupt):
 
 
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
-    """The handler of one command (the command modules are light: each loads torch only once it runs)."""
+    """The handler of one command, importing only its own module."""
     if name == "serve":
         return run_serve
     if name == "chat":
+        from lite.cli.chat import cmd_chat  # PIL, and torch once it runs: never for `--help` or a bad option
+
         return cmd_chat
     if name in ("ask", "generate", "edit"):
+        from lite.cli import run  # PIL, and torch once it runs: never for `--help` or a bad option
+
         return {"ask": run.cmd_ask, "generate": run.cmd_generate, "edit": run.cmd_edit}[name]
+    from lite.cli import tools  # PIL, and torch once it runs: never for `--help` or a bad option
+
     return {"demo": tools.cmd_demo, "make-tiny": tools.cmd_make_tiny, "inspect": tools.cmd_inspect,
             "info": tools.cmd_info, "presets": tools.cmd_presets, "plan": tools.cmd_plan,
             "quantize": tools.cmd_quantize}[name]
