@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lite.version import __version__
+
+__all__ = ["OvisPipeline", "__version__"]
 
 if TYPE_CHECKING:
     from lite.runtime.pipeline import OvisPipeline

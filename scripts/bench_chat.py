@@ -58,12 +58,13 @@ def run_turns(pipe, image, new_tokens: int, turns: int) -> list[dict]:
             t0 = time.perf_counter()
             first_piece = None
             pieces = []
-            for piece in pipe.understand([image], question, history=list(history), max_new_tokens=new_tokens,
-                                         stream=True):
+            stream = pipe.understand([image], question, history=list(history), max_new_tokens=new_tokens,
+                                     stream=True)
+            for piece in stream:
                 if first_piece is None and piece:
                     first_piece = time.perf_counter() - t0
                 pieces.append(piece)
-            stats = pipe.last_run
+            stats = stream.stats
             answer = "".join(pieces)
             print(f"turn {len(history) + 1}: {time.perf_counter() - t0:.1f} s, phases "
                   f"{ {k: round(v, 2) for k, v in stats.phases.items()} }, cache {stats.cache.get('prefix_tokens_reused')}"

@@ -50,12 +50,12 @@ def main() -> None:
         reset_device_peak(pipe.device)
         t = time.perf_counter()
         if task == "understand":
-            pipe.understand(image, "What is it?", max_new_tokens=args.new_tokens)
+            out = pipe.understand(image, "What is it?", max_new_tokens=args.new_tokens)
         elif task == "t2i":
-            pipe.generate("a red fox in the snow", width=args.size, height=args.size, **sampling)
+            out = pipe.generate("a red fox in the snow", width=args.size, height=args.size, **sampling)
         else:
-            pipe.edit(image, "add a hat", **sampling)
-        stats = pipe.last_run
+            out = pipe.edit(image, "add a hat", **sampling)
+        stats = out.stats
         result["runs"][task] = {"seconds": time.perf_counter() - t, "nfe": stats.nfe, "tokens": stats.tokens,
                                 "phases": stats.phases,
                                 "peak_device_bytes": device_peak_bytes(pipe.device),

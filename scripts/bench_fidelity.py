@@ -68,7 +68,7 @@ def main() -> None:
     images = {}
     for name, pipe in pipes.items():
         t = time.perf_counter()
-        images[name] = np.asarray(pipe.generate(prompt, width=w, height=h, steps=args.steps, seed=42)).astype(float)
+        images[name] = np.asarray(pipe.generate(prompt, width=w, height=h, steps=args.steps, seed=42).image).astype(float)
         results[f"t2i_s_{name}"] = time.perf_counter() - t
     mse = float(((images["reference"] - images[args.preset]) ** 2).mean())
     results["image_psnr_db"] = float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)

@@ -233,7 +233,7 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
 
             pipe = OvisPipeline.from_pretrained(path, device="cpu", dtype=torch.bfloat16, progress=False)
             pipe.model = ref
-            ref_img = pipe.generate("a red cat", width=256, height=256, steps=4, seed=3)
+            ref_img = pipe.generate("a red cat", width=256, height=256, steps=4, seed=3).image
         except Exception as exc:  # noqa: BLE001 - the pipeline is edited elsewhere; report, do not die
             rows["psnr_error"] = f"{type(exc).__name__}: {exc}"
             pipe = None
@@ -243,7 +243,7 @@ def _tiny_fidelity(policies: tuple[str, ...]) -> dict:
             if pipe is not None:
                 pipe.model = model
                 row["image_psnr_db"] = round(_psnr(ref_img, pipe.generate("a red cat", width=256, height=256,
-                                                                          steps=4, seed=3)), 2)
+                                                                          steps=4, seed=3).image), 2)
                 pipe.model = ref
             rows[name] = row
     return rows

@@ -278,7 +278,8 @@ def tiny_model_benchmark(args: argparse.Namespace) -> dict[str, object]:
     for text-to-image and edit on a seeded random tiny checkpoint, through OvisPipeline.denoise."""
     import tempfile
 
-    from lite.runtime.pipeline import OvisPipeline, RunStats
+    from lite.runtime.pipeline import OvisPipeline
+    from lite.runtime.results import RunStats
     from lite.sampling import Guidance
     from lite.sampling import make_timesteps
     from lite.model.tiny import make_tiny

@@ -139,15 +139,14 @@ def test_api_and_cli_give_the_same_nfe_for_a_preset(capsys, tmp_path, tiny_dir, 
     from lite.runtime.presets import PRESETS
 
     pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="low", progress=False)
-    pipe.generate("a cat", width=32, height=32)
-    api_nfe = pipe.last_run.nfe
+    api_nfe = pipe.generate("a cat", width=32, height=32).stats.nfe
     loads = []
 
-    def loaded(*args, **kwargs):
-        loads.append(kwargs["preset"].name)
+    def loaded(run):
+        loads.append(run.preset.name)
         return pipe
 
-    monkeypatch.setattr(OvisPipeline, "from_pretrained", loaded)
+    monkeypatch.setattr(OvisPipeline, "load", loaded)
     code, stdout, err = run(capsys, "generate", "a cat", "-o", str(tmp_path / "l.png"), "--model", str(tiny_dir),
                             "--device", "cpu", "--preset", "low", "--width", "32", "--height", "32", "--quiet",
                             "--json")

@@ -106,7 +106,7 @@ def test_max_new_tokens_past_the_context_is_refused_before_loading(capsys, tiny_
     def no_load(*a, **k):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(pipeline.OvisPipeline, "from_pretrained", no_load)
+    monkeypatch.setattr(pipeline.OvisPipeline, "load", no_load)
     code = main(["ask", "What is it?", "--max-new-tokens", "100000", "--model", str(tiny_dir), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "past the model's context" in err and err.strip().count("\n") == 0, err

@@ -94,16 +94,16 @@ def test_every_readme_command_exits_0(workdir, tiny_dir, capsys, monkeypatch):
 
     # Each preset's tiny model loads once and serves every line that asks for it (loading is tested
     # elsewhere; here the command lines are): the lines still resolve and hand over the whole run.
-    load = OvisPipeline.from_pretrained
+    load = OvisPipeline.load
     loaded: dict = {}
 
-    def load_once(path, **kwargs):
-        key = (str(path), kwargs["preset"].name, str(kwargs["device"]), str(kwargs["dtype"]))
+    def load_once(run):
+        key = (str(run.directory), run.preset.name, str(run.device), str(run.dtype))
         if key not in loaded:
-            loaded[key] = load(path, **kwargs)
+            loaded[key] = load(run)
         return loaded[key]
 
-    monkeypatch.setattr(OvisPipeline, "from_pretrained", load_once)
+    monkeypatch.setattr(OvisPipeline, "load", load_once)
     ran = []
     for line, stdin in readme_commands():
         argv = substitute(shlex.split(line)[1:], tiny_dir)

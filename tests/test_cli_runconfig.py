@@ -10,16 +10,16 @@ from lite.errors import CheckpointError
 
 @pytest.fixture
 def handed(monkeypatch):
-    """Capture from_pretrained's arguments, then stop (one line, exit 2) instead of loading."""
+    """Capture the resolved run handed to `OvisPipeline.load`, then stop (one line, exit 2) instead of loading."""
     from lite.runtime.pipeline import OvisPipeline
 
-    calls: list[dict] = []
+    calls: list = []
 
-    def stop(path, **kwargs):
-        calls.append(dict(kwargs, path=path))
+    def stop(run):
+        calls.append(run)
         raise CheckpointError("stopped by the test before loading")
 
-    monkeypatch.setattr(OvisPipeline, "from_pretrained", stop)
+    monkeypatch.setattr(OvisPipeline, "load", stop)
     return calls
 
 
@@ -31,7 +31,7 @@ def test_vram_without_a_gpu_says_the_run_uses_the_cpu(capsys, tmp_path, tiny_dir
     code = main(["generate", "a cat", "-o", str(tmp_path / "a.png"), "--model", str(tiny_dir), "--vram", "6GB"])
     err = capsys.readouterr().err
     assert code == 2 and len(handed) == 1
-    assert handed[0]["device"].type == "cpu" and handed[0]["progress"] is False  # stderr is not a terminal
+    assert handed[0].device.type == "cpu" and handed[0].progress is False  # stderr is not a terminal
     assert "assumed" in err and "--vram" in err and "uses the CPU" in err
     assert "CUDA with 6.0 of 6.0 GiB free" not in err
 
@@ -44,8 +44,8 @@ def test_quiet_silences_notices_and_the_run_is_resolved_once(capsys, tmp_path, t
     (call,) = handed
     from lite.runtime.presets import PRESETS
 
-    assert call["path"] == tiny_dir and str(call["dtype"]) == "torch.float32"
-    assert call["budget_bytes"] == PRESETS["balanced"].budget_bytes  # no free-memory cap without a GPU
+    assert call.directory == tiny_dir and str(call.dtype) == "torch.float32" and call.preset is PRESETS["balanced"]
+    assert call.budget_bytes == PRESETS["balanced"].budget_bytes  # no free-memory cap without a GPU
 
 
 def test_threads_reach_torch(capsys, tmp_path, tiny_dir, handed):

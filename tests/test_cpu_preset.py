@@ -34,13 +34,14 @@ def test_without_native_bf16_weights_stay_bf16_and_compute_is_fp32(tiny_dir, mon
     assert bf16.dtype == torch.float32 and bf16.compute_reason == "fp32 compute: test"
     yak = bf16.model.visual_generator.backbone
     assert yak.img_in.weight.dtype == torch.bfloat16  # stored as planned
-    image = bf16.generate("a fox", width=32, height=32, steps=2, seed=3)
-    assert bf16.last_run.settings["dtype"] == "fp32"
+    result = bf16.generate("a fox", width=32, height=32, steps=2, seed=3)
+    image = result.image
+    assert result.stats.settings["dtype"] == "fp32"
     assert yak.img_in.weight.dtype == torch.bfloat16  # the fp32 copies live only inside each call
     _force_compute(monkeypatch, "bf16", "bf16 compute: test")
     native = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
     assert native.dtype == torch.bfloat16 and native.cpu_hooks.fp32 is None
-    assert image.size == native.generate("a fox", width=32, height=32, steps=2, seed=3).size
+    assert image.size == native.generate("a fox", width=32, height=32, steps=2, seed=3).image.size
 
 
 def test_an_explicit_dtype_wins(tiny_dir, monkeypatch):
@@ -67,5 +68,5 @@ def test_fp32_compute_around_quantized_layers(tiny_dir, monkeypatch):
         warnings.simplefilter("ignore")
         pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="balanced", progress=False)
     assert pipe.dtype == torch.float32
-    assert pipe.generate("a fox", width=32, height=32, steps=1).size == (32, 32)
-    assert isinstance(pipe.understand([], "What is it?", max_new_tokens=2), str)
+    assert pipe.generate("a fox", width=32, height=32, steps=1).image.size == (32, 32)
+    assert isinstance(pipe.understand([], "What is it?", max_new_tokens=2).text, str)

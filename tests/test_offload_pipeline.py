@@ -21,9 +21,9 @@ def pipe(tiny_dir):
 
 TASKS = {
     "understand": lambda p: p.understand([SRC, SRC.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], "What is it?",
-                                         max_new_tokens=5),
-    "t2i": lambda p: np.asarray(p.generate("a red fox", width=48, height=32, steps=2, seed=1)),
-    "edit": lambda p: np.asarray(p.edit(SRC, "add a hat", steps=2, seed=2)),
+                                         max_new_tokens=5).text,
+    "t2i": lambda p: np.asarray(p.generate("a red fox", width=48, height=32, steps=2, seed=1).image),
+    "edit": lambda p: np.asarray(p.edit(SRC, "add a hat", steps=2, seed=2).image),
 }
 SIZES = {"understand": (64, 48), "t2i": (48, 32), "edit": (64, 48)}
 
@@ -92,7 +92,7 @@ def test_impossible_budget_is_refused_with_the_minimum(pipe):
 
 
 def test_out_of_memory_retries_once_with_a_smaller_plan(pipe):
-    resident = np.asarray(pipe.generate("a red fox", width=48, height=32, steps=2, seed=1))
+    resident = np.asarray(pipe.generate("a red fox", width=48, height=32, steps=2, seed=1).image)
     notes: list[str] = []
     pipe.notify = notes.append
     big = budgets(pipe, "t2i", 48, 32)[-1] * 2
@@ -106,7 +106,7 @@ def test_out_of_memory_retries_once_with_a_smaller_plan(pipe):
 
     handle = pipe.model.visual_generator.backbone.double_blocks[0].register_forward_pre_hook(oom_once)
     try:
-        out = np.asarray(pipe.generate("a red fox", width=48, height=32, steps=2, seed=1))
+        out = np.asarray(pipe.generate("a red fox", width=48, height=32, steps=2, seed=1).image)
     finally:
         handle.remove()
         pipe.disable_offload()

@@ -37,12 +37,12 @@ def _plans(notice: str) -> list[int]:
 
 
 def test_a_resident_run_retries_with_a_budget_that_is_neither_zero_nor_below_the_minimum(pipe):
-    expected = pipe.generate("a red fox", width=48, height=32, steps=2, seed=1)
+    expected = pipe.generate("a red fox", width=48, height=32, steps=2, seed=1).image
     notes: list[str] = []
     pipe.notify = notes.append
     handle = _oom(pipe, 1)
     try:
-        out = pipe.generate("a red fox", width=48, height=32, steps=2, seed=1)
+        out = pipe.generate("a red fox", width=48, height=32, steps=2, seed=1).image
     finally:
         handle.remove()
     assert list(out.getdata()) == list(expected.getdata())

@@ -10,7 +10,8 @@ from PIL import Image
 from lite.model import latents
 from lite.model.config import load_preprocessor_config
 from lite.errors import InputError
-from lite.runtime.pipeline import Condition, OvisPipeline
+from lite.runtime.denoise import Condition
+from lite.runtime.pipeline import OvisPipeline
 from lite.sampling import Guidance
 from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, white_canvas
 from lite.sampling import reference_schedule
@@ -71,39 +72,42 @@ def test_case9_image_edit(golden, golden_pipe):
 # -- end to end on a tiny checkpoint ------------------------------------------------------------------
 
 def test_text_to_image_floors_to_multiples_of_16(pipe):
-    img = pipe.generate("a cat", width=100, height=72, steps=2, seed=1)
-    assert img.size == (96, 64)
-    assert pipe.last_run.nfe == 4 and img.info["nfe"] == 4
+    result = pipe.generate("a cat", width=100, height=72, steps=2, seed=1)
+    assert result.image.size == (96, 64)
+    assert result.stats.nfe == 4 and result.image.info["nfe"] == 4 and pipe.last_run is result.stats
 
 
 def test_edit_output_size_follows_factor_32(pipe):
     src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     out = pipe.edit(src, "add a hat", steps=1, seed=1)
     # smart_resize(50, 70, factor 32): round(50/32)=2, round(70/32)=2 -> 64 x 64 (>= 3136 px)
-    assert out.size == (64, 64)
-    assert pipe.last_run.nfe == 3
+    assert out.image.size == (64, 64)
+    assert out.stats.nfe == 3
 
 
 def test_understanding_answers_and_streams(pipe):
     img = Image.new("RGB", (56, 84), (10, 200, 30))
     answer = pipe.understand(img, "What is it?", max_new_tokens=6)
-    assert isinstance(answer, str)
-    streamed = "".join(pipe.understand(img, "What is it?", max_new_tokens=6, stream=True))
-    assert streamed == answer
+    assert isinstance(answer.text, str) and str(answer) == answer.text
+    stream = pipe.understand(img, "What is it?", max_new_tokens=6, stream=True)
+    assert not stream.done
+    assert "".join(stream) == answer.text == stream.text and stream.done
+    assert stream.stats.tokens == answer.stats.tokens > 0
+    assert set(stream.stats.phases) == set(answer.stats.phases) >= {"prefill", "decode"}
 
 
 def test_generation_is_deterministic(pipe):
-    a = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=7))
-    b = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=7))
-    c = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=8))
+    a = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=7).image)
+    b = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=7).image)
+    c = np.asarray(pipe.generate("a cat", width=64, height=48, steps=2, seed=8).image)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
 def test_edit_is_deterministic(pipe):
     src = Image.new("RGB", (64, 64), (30, 60, 90))
-    a = np.asarray(pipe.edit(src, "make it red", steps=1, seed=3))
-    b = np.asarray(pipe.edit(src, "make it red", steps=1, seed=3))
+    a = np.asarray(pipe.edit(src, "make it red", steps=1, seed=3).image)
+    b = np.asarray(pipe.edit(src, "make it red", steps=1, seed=3).image)
     assert np.array_equal(a, b)
 
 
@@ -122,7 +126,12 @@ def test_multi_image_isolation(pipe):
     assert not torch.equal(embeds[0][1], embeds[1][1])
 
 
-def test_refiner_runs_once_per_condition(pipe):
+def test_refiner_runs_once_per_condition(pipe, monkeypatch):
+    from lite.runtime.caches import RuntimeCaches
+
+    caches = RuntimeCaches()
+    caches.set_enabled(False)  # each condition computed here (the condition cache would reuse earlier tests')
+    monkeypatch.setattr(pipe, "caches", caches)
     calls = []
     handle = pipe.model.visual_generator.backbone.txt_in.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -215,10 +224,10 @@ def test_edit_guidance_equals_the_spec_formula(pipe):
 
 
 def test_cfg_interval_skips_unconditional_passes(pipe):
-    pipe.generate("a cat", width=32, height=32, steps=4, seed=0, cfg_interval=(0.5, 1.0))
+    result = pipe.generate("a cat", width=32, height=32, steps=4, seed=0, cfg_interval=(0.5, 1.0))
     ts = reference_schedule(4, 4)
     guided = sum(1 for t in ts[:-1] if 0.5 <= t <= 1.0)
-    assert pipe.last_run.nfe == 4 + guided
+    assert result.stats.nfe == 4 + guided
 
 
 @pytest.mark.parametrize("call, message", [

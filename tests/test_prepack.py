@@ -97,9 +97,9 @@ def test_cpu_pipeline_packs_yak_and_vit_token_layers_only_where_native(tiny_dir)
     assert f"{yak}double_blocks.0.img_attn.qkv" in packed and f"{vit}trunk.blocks.0.attn.qkv" in packed
     # one-row layers (modulation, embedders) and the LLM stay plain
     assert not any("mod" in n.rsplit(".", 2)[-2] or "time_in" in n or "adaLN" in n for n in packed)
-    image = pipe.generate("a red square", width=64, height=64, steps=2, seed=3)
+    image = pipe.generate("a red square", width=64, height=64, steps=2, seed=3).image
     pipe.enable_offload(1 << 40)  # paging needs plain tensors: it takes packing off the layers it pages
-    assert image.tobytes() == pipe.generate("a red square", width=64, height=64, steps=2, seed=3).tobytes()
+    assert image.tobytes() == pipe.generate("a red square", width=64, height=64, steps=2, seed=3).image.tobytes()
     assert not any(p.is_mkldnn for p in model.parameters())
     pipe.disable_offload()  # and puts it back, by name, when it goes
     assert {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.is_mkldnn} == packed

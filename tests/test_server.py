@@ -112,7 +112,7 @@ def test_generation_matches_python_api_and_carries_cli_metadata(client: httpx.Cl
     assert [d["seed"] for d in body["data"]] == [7, 8]
     expected = pipe.generate("a red fox", width=64, height=64, steps=2, seed=7, txt_cfg=4.0,
                              negative_prompt="blurry", num_images=2)
-    for item, ref in zip(body["data"], expected):
+    for item, ref in zip(body["data"], expected.images):
         png = base64.b64decode(item["b64_json"])
         img = Image.open(io.BytesIO(png))
         assert img.size == (64, 64)
@@ -122,9 +122,12 @@ def test_generation_matches_python_api_and_carries_cli_metadata(client: httpx.Cl
         meta = read_metadata(path)  # the CLI's reader understands it
         assert meta["task"] == "t2i" and meta["seed"] == item["seed"] and meta["steps"] == 2
         assert meta["negative_prompt"] == "blurry" and meta["preset"] == "cpu" and meta["txt_cfg"] == 4.0
-        assert meta["width"] == 64 and meta["nfe"] == pipe.last_run.nfe
+        assert meta["width"] == 64 and meta["nfe"] == expected.stats.nfe
+    stats = body["ovis_lite"]["stats"]
+    assert stats["nfe"] == expected.stats.nfe and stats["steps"] == 2 and stats["images"] == 2  # per image, as the CLI
+    assert stats["nfe_total"] == 2 * expected.stats.nfe
     last = client.get("/metrics").json()["last_run"]
-    assert last["task"] == "t2i" and last["nfe"] == pipe.last_run.nfe and last["seconds"] > 0
+    assert last["task"] == "t2i" and last["nfe"] == expected.stats.nfe and last["seconds"] > 0
 
 
 def test_edit_multipart(client: httpx.Client, pipe) -> None:
@@ -135,7 +138,7 @@ def test_edit_multipart(client: httpx.Client, pipe) -> None:
                     data={"prompt": "add a hat", "steps": "2", "seed": "3"})
     assert r.status_code == 200, r.text
     img = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
-    ref = pipe.edit(src, "add a hat", steps=2, seed=3)
+    ref = pipe.edit(src, "add a hat", steps=2, seed=3).image
     assert img.convert("RGB").tobytes() == ref.tobytes()
     assert json.loads(img.text["ovis-lite"])["task"] == "edit"
 
@@ -158,9 +161,9 @@ def test_chat_multiturn_follows_the_reference_template(client: httpx.Client, pip
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
     expected = pipe.understand([a, b], "Describe each image.", max_new_tokens=12, do_sample=True, temperature=0.8,
                                top_p=0.9, history=[Turn("What is it?", "a cat", 1)], seed=5)
-    assert body["choices"][0]["message"]["content"] == expected
-    assert body["usage"]["completion_tokens"] == pipe.last_run.tokens
-    assert body["choices"][0]["finish_reason"] == ("length" if pipe.last_run.tokens >= 12 else "stop")
+    assert body["choices"][0]["message"]["content"] == expected.text
+    assert body["usage"]["completion_tokens"] == expected.stats.tokens
+    assert body["choices"][0]["finish_reason"] == ("length" if expected.stats.tokens >= 12 else "stop")
 
 
 def test_chat_stream_is_openai_chunks(client: httpx.Client) -> None:

@@ -25,7 +25,7 @@ from lite.errors import InputError, OutputError
 from lite.model.images import load_image
 from lite.runtime.outputs import atomic_write
 
-HELP = "commands: /image PATH (attach to the next question), /clear, /save FILE, /quit"
+HELP = "commands: /image PATH (attach to the next question), /clear, /save FILE, /stats, /quit"
 
 
 @dataclass
@@ -71,7 +71,15 @@ def _save(conv: Conversation, target: str) -> str:
     return str(path)
 
 
-def _command(conv: Conversation, line: str, args: argparse.Namespace) -> bool:
+def _cache_line(caches: dict[str, Any]) -> str:
+    """One line of the caches' counts: `/stats` in the chat."""
+    parts = [f"{name} {c['hits']} hits / {c['misses']} misses, {c['entries']} entries, {c['bytes'] / 2**20:.1f} MiB"
+             for name, c in caches.items() if isinstance(c, dict)]
+    state = "" if caches.get("enabled", True) else " (off: --no-cache)"
+    return f"caches{state}: " + "; ".join(parts)
+
+
+def _command(conv: Conversation, line: str, args: argparse.Namespace, pipe: Any = None) -> bool:
     """Handle a /command; False ends the chat."""
     name, _, rest = line.partition(" ")
     rest = rest.strip()
@@ -89,6 +97,8 @@ def _command(conv: Conversation, line: str, args: argparse.Namespace) -> bool:
         if not rest:
             raise InputError("/save needs a file name: /save chat.json")
         notice(args, f"saved the transcript to {_save(conv, rest)}")
+    elif name == "/stats" and pipe is not None:
+        notice(args, _cache_line(pipe.caches.stats()))
     elif name == "/help":
         notice(args, HELP)
     else:
@@ -110,8 +120,8 @@ def _ask(pipe: Any, conv: Conversation, question: str, args: argparse.Namespace,
     conv.images.extend(img for _, img in new)
     conv.image_paths.extend(path for path, _ in new)
     conv.history.append(Turn(question, answer, num_images=len(new)))
-    tokens = count_tokens(pipe, answer)
-    stats = pipe.last_run
+    stats = pieces.stats
+    tokens = count_tokens(stats, pipe.tokenizer, answer)
     summary(args, stats, None, f", {tokens} tokens")
     if args.json:
         print(answer_result(stats, answer, tokens, preset, seed if args.sample else None), flush=True)
@@ -143,7 +153,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if problem:
                 raise InputError(problem)
             if line.startswith("/"):
-                if not _command(conv, line, args):
+                if not _command(conv, line, args, pipe):
                     break
                 continue
             _ask(pipe, conv, line, args, run.preset.name, seed)

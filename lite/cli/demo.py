@@ -67,24 +67,22 @@ def run_demo(out_dir: Path, quiet: bool = False, overwrite: bool = False) -> lis
     t = time.perf_counter()
     answer = pipe.understand(Image.new("RGB", (96, 64), (200, 30, 30)), "What is it?", max_new_tokens=16)
     rows.append(("understand", time.perf_counter() - t, peak_rss_bytes()))
-    say(f"answer (random weights): {answer!r}")
+    say(f"answer (random weights): {answer.text!r}")
 
     t = time.perf_counter()
-    image = pipe.generate("a red fox in the snow", width=256, height=256, seed=42, **DEMO_SAMPLING)
-    rows.append((f"t2i 256x256, NFE {pipe.last_run.nfe}", time.perf_counter() - t, peak_rss_bytes()))
-    gen_path = save_image(image, out_dir / "t2i.png", overwrite=overwrite,
-                          metadata={"task": "t2i", "prompt": "a red fox in the snow", "seed": 42,
-                                    "model": "tiny random (demo)", **DEMO_SAMPLING})
+    generated = pipe.generate("a red fox in the snow", width=256, height=256, seed=42, **DEMO_SAMPLING)
+    rows.append((f"t2i 256x256, {generated.stats.counts()}", time.perf_counter() - t, peak_rss_bytes()))
+    gen_path = save_image(generated.image, out_dir / "t2i.png", overwrite=overwrite,
+                          metadata={**generated.metadata(), "model": "tiny random (demo)"})
 
     t = time.perf_counter()
-    edited = pipe.edit(image, "add a hat", seed=42, **DEMO_SAMPLING)
-    rows.append((f"edit 256x256, NFE {pipe.last_run.nfe}", time.perf_counter() - t, peak_rss_bytes()))
-    edit_path = save_image(edited, out_dir / "edit.png", overwrite=overwrite,
-                           metadata={"task": "edit", "prompt": "add a hat", "seed": 42,
-                                     "model": "tiny random (demo)", **DEMO_SAMPLING})
+    edited = pipe.edit(generated.image, "add a hat", seed=42, **DEMO_SAMPLING)
+    rows.append((f"edit 256x256, {edited.stats.counts()}", time.perf_counter() - t, peak_rss_bytes()))
+    edit_path = save_image(edited.image, out_dir / "edit.png", overwrite=overwrite,
+                           metadata={**edited.metadata(), "model": "tiny random (demo)"})
 
-    print(f"{'task':<24} {'seconds':>8} {'peak RAM':>12}")
+    print(f"{'task':<44} {'seconds':>8} {'peak RAM':>12}")
     for task, secs, peak in rows:
-        print(f"{task:<24} {secs:>8.2f} {format_bytes(peak):>12}")
+        print(f"{task:<44} {secs:>8.2f} {format_bytes(peak):>12}")
     print(f"images: {gen_path}, {edit_path}  (total {time.perf_counter() - t0:.1f} s)")
     return rows

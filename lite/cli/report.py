@@ -23,12 +23,12 @@ def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str
 
     dev = f", device peak {format_bytes(stats.peak_device_bytes)}" if stats.peak_device_bytes is not None else ""
     size = f" {stats.width}x{stats.height}" if stats.width else ""
-    nfe = f", NFE {stats.nfe}" if stats.nfe else ""
+    counts = f", {stats.counts()}" if stats.counts() else ""
     dest = f" -> {output}" if output else ""
     host = (f" (run: anonymous {format_bytes(stats.peak_anon_bytes)}, mapped {format_bytes(stats.peak_mapped_bytes)})"
             if stats.peak_anon_bytes else "")
-    say(args, f"ovis-lite: {stats.task}{size} in {stats.seconds:.1f} s, host peak "
-              f"{format_bytes(stats.peak_rss_bytes)}{host}{dev}{nfe}{extra}{dest}")
+    say(args, f"ovis-lite: {stats.task}{size}{counts} in {stats.seconds:.1f} s, host peak "
+              f"{format_bytes(stats.peak_rss_bytes)}{host}{dev}{extra}{dest}")
 
 
 def load_report_cpu(pipe: Any) -> list[str]:
@@ -49,12 +49,11 @@ def _machine_and_plan(stats: Any) -> dict[str, Any]:
 def image_result(stats: Any, output: str, seed: int, preset: str) -> str:
     """One line of `generate/edit --json`."""
     return json.dumps({"task": stats.task, "output": output, "seed": seed, "preset": preset,
-                       "seconds": round(stats.seconds, 3), "nfe": stats.nfe, "steps": stats.steps,
+                       "seconds": round(stats.seconds, 3), "steps": stats.steps, "nfe": stats.nfe,
                        "width": stats.width, "height": stats.height, "peak_rss_bytes": stats.peak_rss_bytes,
                        "peak_anon_bytes": stats.peak_anon_bytes, "peak_mapped_bytes": stats.peak_mapped_bytes,
                        "peak_device_bytes": stats.peak_device_bytes, "settings": stats.settings,
-                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
-                       **_machine_and_plan(stats)})
+                       "phases": stats.to_dict()["phases"], "cache": stats.cache, **_machine_and_plan(stats)})
 
 
 def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int | None) -> str:
@@ -64,17 +63,15 @@ def answer_result(stats: Any, answer: str, tokens: int, preset: str, seed: int |
                        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
                        "seconds": round(seconds, 3), "preset": preset, "seed": seed,
                        "peak_rss_bytes": stats.peak_rss_bytes, "peak_device_bytes": stats.peak_device_bytes,
-                       "phases": {k: round(v, 4) for k, v in stats.phases.items()}, "cache": stats.cache,
-                       **_machine_and_plan(stats)})
+                       "phases": stats.to_dict()["phases"], "cache": stats.cache, **_machine_and_plan(stats)})
 
 
-def count_tokens(pipe: Any, answer: str) -> int:
-    """Tokens generated: the runtime's count when it keeps one, else the answer re-tokenized."""
-    stats = pipe.last_run
+def count_tokens(stats: Any, tokenizer: Any, answer: str) -> int:
+    """Tokens generated: the runtime's count when it kept one, else the answer re-tokenized."""
     value = getattr(stats, "tokens", None)
     if isinstance(value, int) and value > 0:
         return value
-    return len(pipe.tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else 0
 
 
 def user_error_line(exc: BaseException) -> str:

@@ -62,19 +62,18 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
         extra["callback"] = callback
     for job in jobs:
         if task == "t2i":
-            image = pipe.generate(job.prompt, width=args.width, height=args.height, seed=job.seed,
-                                  txt_cfg=args.txt_cfg, **extra)
+            result = pipe.generate(job.prompt, width=args.width, height=args.height, seed=job.seed,
+                                   txt_cfg=args.txt_cfg, **extra)
         else:
-            image = pipe.edit(source, job.prompt, seed=job.seed, img_cfg=args.img_cfg, txt_cfg=args.txt_cfg,
-                              **extra)
-        stats = pipe.last_run
-        meta = image_metadata(pipe.model_id, stats, task, run.preset.name, job.seed, args.negative_prompt)
+            result = pipe.edit(source, job.prompt, seed=job.seed, img_cfg=args.img_cfg, txt_cfg=args.txt_cfg,
+                               **extra)
+        meta = result.metadata()
         if task == "edit":
             meta["source"] = str(args.image)
-        out = save_image(image, job.output, args.overwrite and bool(args.output), meta)  # default names: never
-        summary(args, stats, str(out), f", seed {job.seed}")
+        out = save_image(result.image, job.output, args.overwrite and bool(args.output), meta)  # default names: never
+        summary(args, result.stats, str(out), f", seed {job.seed}")
         if args.json:
-            print(image_result(stats, str(out), job.seed, run.preset.name), flush=True)
+            print(image_result(result.stats, str(out), job.seed, run.preset.name), flush=True)
     return 0
 
 
@@ -150,8 +149,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     pieces = pipe.understand(images, question, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              temperature=args.temperature, top_p=args.top_p, stream=True, seed=seed)
     answer = stream_answer(pieces, echo=not args.json)
-    tokens = count_tokens(pipe, answer)
-    stats = pipe.last_run
+    stats = pieces.stats
+    tokens = count_tokens(stats, pipe.tokenizer, answer)
     rate = f", {tokens} tokens, {tokens / stats.seconds:.1f} tokens/s" if stats.seconds > 0 else ""
     summary(args, stats, None, rate)
     if args.json:
@@ -160,19 +159,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def stream_answer(pieces: Any, echo: bool) -> str:
-    """Print the answer as it comes; the generator is closed on any exit, so its worker stops."""
-    answer: list[str] = []
+    """Print the answer as it comes (an `AnswerStream`); it is closed on any exit, so its worker stops."""
     try:
         for piece in pieces:
-            answer.append(piece)
             if echo:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
+        pieces.close()
     if echo:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    return "".join(answer)
+    return str(pieces.text)

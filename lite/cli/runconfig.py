@@ -12,27 +12,31 @@ import argparse
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lite.cli.report import load_report_cpu, notice, say
 from lite.errors import InputError, Notice
 from lite.runtime.cpu.threads import configure_threads as configure
 
+if TYPE_CHECKING:  # torch and the model layer load after the arguments are checked
+    from lite.runtime.resolve import ResolvedRun
+
 
 @dataclass
 class RunConfig:
-    """What the CLI hands the runtime: one resolved value per setting."""
+    """The resolved run the CLI hands the runtime as it is (`OvisPipeline.load`), plus what it reports."""
 
-    directory: Path
-    config: Any  # OvisU1Config
-    device: Any  # torch.device
-    dtype: Any  # torch.dtype, or None for the preset's
-    preset: Any  # Preset
-    budget_bytes: int | None
-    machine: Any
-    progress: bool
+    resolved: ResolvedRun
+    machine: Any  # lite.runtime.machine.Machine
     notices: list[str] = field(default_factory=list)
+
+    @property
+    def preset(self) -> Any:  # lite.runtime.presets.Preset
+        return self.resolved.preset
+
+    @property
+    def config(self) -> Any:  # lite.model.config.OvisU1Config
+        return self.resolved.config
 
 
 def configure_threads(threads: int | None) -> None:
@@ -48,18 +52,16 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
     """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
     # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
-    from lite.model.checkpoint import find_checkpoint
-    from lite.model.preflight import check_checkpoint_files
     from lite.runtime import planning
     from lite.runtime.devices import resolve_device, resolve_dtype
     from lite.runtime.machine import detect_machine
     from lite.runtime.presets import get_preset
+    from lite.runtime.resolve import ResolvedRun, read_checkpoint
 
     preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
     device, fallback = resolve_device(args.device)
     notices = [fallback] if fallback else []
-    directory = find_checkpoint(args.model)
-    config, pp = check_checkpoint_files(directory)  # every file check before any weight is read
+    directory, config, pp, kind = read_checkpoint(args.model)  # every file check before any weight is read
     config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:
@@ -74,8 +76,9 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
         notices.append("--vram only chose the preset: there is no GPU here, so this run uses the CPU")
     dtype = resolve_dtype(args.dtype) if args.dtype != "auto" else None
     configure_threads(args.threads)
-    return RunConfig(directory, config, device, dtype, preset, planning.effective_budget(preset, machine),
-                     machine, progress_enabled(args), notices)
+    resolved = ResolvedRun(directory, config, pp, device, dtype, preset, planning.effective_budget(preset, machine),
+                           kind, progress=progress_enabled(args))
+    return RunConfig(resolved, machine, notices)
 
 
 def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
@@ -110,8 +113,8 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
         notice(args, line)
     with warnings.catch_warnings(record=True) as caught:  # the runtime's notices, as one line each
         warnings.simplefilter("always", Notice)
-        pipe = OvisPipeline.from_pretrained(run.directory, device=run.device, dtype=run.dtype, preset=run.preset,
-                                            budget_bytes=run.budget_bytes, progress=run.progress)
+        pipe = OvisPipeline.load(run.resolved)
+        pipe.caches.set_enabled(not getattr(args, "no_cache", False))  # --no-cache
     for warning in caught:
         if issubclass(warning.category, Notice):
             notice(args, str(warning.message))
@@ -122,7 +125,7 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
     if rep is not None:
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in rep.component_bytes.items())
         paging = _paging_budget(pipe)
-        where = f"{run.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
+        where = f"{run.resolved.device}" + (f", paging within {format_bytes(paging)}" if paging else "")
         say(args, f"ovis-lite: loaded {rep.path} ({run.preset.name}) on {where} in {rep.seconds:.1f} s: {parts}; "
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
     for line in load_report_cpu(pipe):  # the CPU plan (h1: surgical)

@@ -24,7 +24,7 @@ from offload.accounting import module_nbytes
 from lite.errors import CheckpointError
 from lite.memory import release_file_pages, rss_anon_bytes, tensor_span, trim_host_heap
 from lite.model.architecture import OVIS_U1
-from lite.model.config import load_config
+from lite.model.config import OvisU1Config, load_config
 from lite.model.modeling_ovis_u1 import OvisU1
 from lite.model.shards import index_checkpoint, iter_checkpoint_tensors, list_names, validate_checkpoint
 from lite.progress import progress_bar
@@ -191,14 +191,14 @@ PlacerFactory = Callable[[OvisU1], Placer]
 
 def stream_into_model(directory: Path, source: TensorSource, device: torch.device, dtype_for: DTypeFor,
                       make_placer: PlacerFactory | None, progress: bool,
-                      report: LoadReport) -> tuple[OvisU1, LoadReport]:
+                      report: LoadReport, config: OvisU1Config | None = None) -> tuple[OvisU1, LoadReport]:
     """The one load loop: meta model, header validation, then one tensor at a time -> placer or cast+place.
 
     Host RAM holds the model being built plus one tensor (and whatever the placer keeps pending). The mapped
     shard pages each tensor's read touched are dropped every `RELEASE_EVERY_BYTES` (`release_file_pages`):
     a converted tensor's never come back, a kept one's come back from the file when a phase uses them.
     """
-    config = load_config(directory)
+    config = config if config is not None else load_config(directory)
     trim_host_heap()
     report.rss_anon_before = rss_anon_bytes()
     start = time.perf_counter()
@@ -265,20 +265,27 @@ def named_tensors(model: nn.Module, skip: set[str] = frozenset()) -> Iterator[tu
             yield prefix + leaf, t
 
 
+def resolved_directory(path: str | os.PathLike[str] | None, config: OvisU1Config | None) -> Path:
+    """The checkpoint directory: `path` as given when the caller resolved it already (it passes the config it
+    read there, `lite.runtime.resolve`), else looked up."""
+    return Path(path) if config is not None and path is not None else find_checkpoint(path)
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | DTypeFor = torch.bfloat16,
     placer: Placer | None = None,
     progress: bool = True,
+    config: OvisU1Config | None = None,
 ) -> tuple[OvisU1, LoadReport]:
     """Build on meta, validate from headers, then stream tensors into `dtype` on `device`.
 
     `dtype` is one dtype, or a function of the tensor name (per-component precision). A `placer`
     may take over a tensor (e.g. quantize it as it streams in); it returns True when it did.
     """
-    directory = find_checkpoint(path)
+    directory = resolved_directory(path, config)
     dtype_for: DTypeFor = dtype if callable(dtype) else (lambda _name, _d=dtype: _d)
     make = (lambda _model: placer) if placer is not None else None
     return stream_into_model(directory, ShardSource(directory), torch.device(device), dtype_for, make, progress,
-                             LoadReport(path=directory))
+                             LoadReport(path=directory), config)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lite.errors import Cancelled, InputError
+from lite.errors import InputError
 from lite.model import latents
 from lite.model.modeling_yak import RefinedText, YakTransformer
 from lite.model.config import YakConfig
@@ -18,8 +18,25 @@ from lite.validation import check_interval, check_steps
 
 #: "the preset's" sampling (or the reference's 50 Euler steps without a preset)
 PRESET: Literal["preset"] = "preset"
-#: Called after each denoising step with the current (unpacked, scaled) latent; False stops the run.
+#: Called after each denoising step with the current (unpacked, scaled) latent; returning False stops the
+#: run quietly: the latent as it stands is decoded and the result is marked cancelled.
 StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
+
+
+class Denoised(NamedTuple):
+    """The packed latent a denoise reached, the Yak evaluations it took, and whether the callback stopped it."""
+
+    latent: torch.Tensor
+    nfe: int
+    stopped: bool
+
+
+class _Stop(Exception):
+    """Raised from the solver's step hook to leave the loop with the latent reached (never escapes)."""
+
+    def __init__(self, latent: torch.Tensor) -> None:
+        super().__init__("stopped by the step callback")
+        self.latent = latent
 
 
 @dataclass
@@ -34,8 +51,8 @@ class Condition:
 
 def guided_denoise(yak: YakTransformer, x: torch.Tensor, rows: int, cols: int, conditions: dict[str, Condition],
                    guidance: Guidance, timesteps: list[float], solver: str, on_step: Callable[[], None],
-                   callback: StepCallback | None = None) -> tuple[torch.Tensor, int]:
-    """The final packed latent and the number of Yak evaluations it took.
+                   callback: StepCallback | None = None) -> Denoised:
+    """The final packed latent (or the one reached when the callback returned False) and its Yak evaluations.
 
     t2i: v = v_nb + s_t (v_c - v_nb); edit: v = v_nb + s_i (v_nt - v_nb) + s_t (v_c - v_nt); outside the
     guidance interval only the conditional pass runs.
@@ -67,9 +84,13 @@ def guided_denoise(yak: YakTransformer, x: torch.Tensor, rows: int, cols: int, c
     def step(i: int, _t: float, current: torch.Tensor) -> None:
         on_step()
         if callback is not None and callback(i + 1, total, latents.unpack(current, rows, cols)) is False:
-            raise Cancelled(f"stopped by the step callback after step {i + 1} of {total}")
+            raise _Stop(current)
 
-    return sample(velocity, x, None, solver=solver, timesteps=timesteps, callback=step), calls
+    try:
+        out = sample(velocity, x, None, solver=solver, timesteps=timesteps, callback=step)
+    except _Stop as stop:
+        return Denoised(stop.latent, calls, True)
+    return Denoised(out, calls, False)
 
 
 def flow_timesteps(cfg: YakConfig, steps: int, n_tokens: int, spacing: str = "linear") -> list[float]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from lite import __version__
+from lite.version import __version__
 from lite.errors import InputError
 from lite.model.images import _open_regular
 

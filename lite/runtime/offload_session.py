@@ -39,8 +39,12 @@ class OffloadSession:
     """The pipeline's paging state: the settings, the current plan and its hooks."""
 
     def __init__(self, model: OvisU1, preprocessor: PreprocessorConfig, device: torch.device,
-                 notify: Callable[[str], None]) -> None:
+                 notify: Callable[[str], None], held: Callable[[], int] = lambda: 0,
+                 release: Callable[[], int] = lambda: 0) -> None:
         self.model = model
+        # the pipeline's caches: `held()` bytes stay on the device beside the plan (a plan reserves them),
+        # `release()` drops them (first, on an out-of-memory or a plan they would not fit beside) -> bytes freed
+        self.held, self.release = held, release
         self.pp = preprocessor
         self.device = device
         self.notify = notify
@@ -79,14 +83,21 @@ class OffloadSession:
         """Units and plan for a workload on this model (sizes are the real, possibly quantized, bytes)."""
         budget = budget_bytes if budget_bytes is not None else (self.settings.budget_bytes if self.settings else None)
         depth = self.settings.prefetch_depth if self.settings else 1
-        return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth)
+        held = self.held() if budget is not None else 0
+        try:
+            return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=held)
+        except BudgetError:
+            if not held:
+                raise
+        self.notify(f"dropped {format_bytes(self.release())} of caches to fit a {format_bytes(budget)} plan")
+        return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=self.held())
 
     def prepare(self, wl: Workload) -> None:
         """Attach the plan for this workload (kept while the workload stays the same)."""
         if self.settings is None:
             return
         key = (wl.task, wl.output_size if wl.task != "understand" else None, wl.model_evaluations,
-               self.settings.budget_bytes)
+               self.settings.budget_bytes, self.held())
         if self.offloader is not None and key == self._key:
             return
         if self.offloader is not None:
@@ -103,11 +114,13 @@ class OffloadSession:
             return task()
         except torch.OutOfMemoryError:
             pass
+        freed = self.release()  # the caches go first: they are a convenience, the answer is not
+        dropped = f"dropped {format_bytes(freed)} of caches; " if freed else ""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         failed = self._failed_plan_bytes()
         budget = self._retry_budget(wl, failed)
-        self.notify(f"out of device memory with a {format_bytes(failed)} plan; retrying once "
+        self.notify(f"out of device memory with a {format_bytes(failed)} plan; {dropped}retrying once "
                     f"with a {format_bytes(budget)} plan")
         settings = self.settings or OffloadSettings(budget)
         self.enable(budget, settings.prefetch_depth, settings.simulate)

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from lite import __version__
+from lite.version import __version__
 from lite.errors import ArgumentTypeError, OutputError
 from lite.runtime.metadata import (
     JPEG_COMMENT_MAX,

@@ -33,12 +33,13 @@ _MODULE_BYTES: dict[tuple[int, str, str], dict[str, int]] = {}
 
 def plan_workload(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig, wl: Workload,
                   budget: int | None, prefetch_depth: int = 1,
-                  module_bytes: dict[str, int] | None = None) -> tuple[list[Unit], Plan]:
+                  module_bytes: dict[str, int] | None = None, reserve_bytes: int = 0) -> tuple[list[Unit], Plan]:
     """Units and the offload plan of one workload within `budget` (None: all resident).
 
     Tries LLM groups of 4, 2, then 1 layers: bigger groups mean fewer transfers, smaller ones fit
     tighter budgets. When none fits, the BudgetError with the smallest minimum is raised, so the
     message names the best that could work. `module_bytes` re-sizes units (a quantized layout on meta).
+    `reserve_bytes` stays held on the device beside the plan (the pipeline's caches).
     """
     act = activation_bytes(config, pp, wl)
     if budget is None:
@@ -48,7 +49,7 @@ def plan_workload(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig
     for llm_group in (4, 2, 1):
         units = resize_units(ovis_units(model, wl, llm_group=llm_group), model, module_bytes)
         try:
-            return units, plan(budget, units, act, max_prefetch_depth=prefetch_depth)
+            return units, plan(budget, units, act, max_prefetch_depth=prefetch_depth, reserve_bytes=reserve_bytes)
         except BudgetError as exc:
             error = exc if error is None or exc.min_budget_bytes < error.min_budget_bytes else error
     raise error  # type: ignore[misc]

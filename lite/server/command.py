@@ -16,8 +16,6 @@ from typing import Any
 
 from offload.errors import UserError
 
-from lite.cli import types
-from lite.cli.runconfig import load_pipeline, resolve_run
 from lite.errors import InputError
 from lite.server.trust import Trust, normal_origin
 
@@ -67,6 +65,8 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="most new tokens per answer (default: 2048)")
     p.add_argument("--vram", help="choose the preset as if the GPU had this much free memory, e.g. 6GB")
     p.add_argument("--ram", help="choose the preset as if the host had this much RAM, e.g. 16GB")
+    p.add_argument("--no-cache", action="store_true",
+                   help="keep nothing between requests (vision, prefix KV and condition caches off)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the number of physical cores)")
     p.add_argument("--quiet", action="store_true", help="no load report and no access log")
     p.set_defaults(func=run_serve, command="serve")
@@ -128,6 +128,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load(args: argparse.Namespace) -> Any:
     """The CLI's own resolution (preset chosen for this machine, checked to fit) and loader."""
+    # lite.cli registers `serve` from this module: importing it here at import time would go round.
+    from lite.cli import types
+    from lite.cli.runconfig import load_pipeline, resolve_run
+
     for name, default in (("json", False), ("vram", None), ("ram", None), ("threads", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
@@ -135,7 +139,7 @@ def load(args: argparse.Namespace) -> Any:
         args.vram = types.size(args.vram) if isinstance(args.vram, str) else args.vram
         args.ram = types.size(args.ram) if isinstance(args.ram, str) else args.ram
     run = resolve_run(args, "t2i", 1024, 1024)
-    run.progress = False  # bars would only clutter a server's log
+    run.resolved.progress = False  # bars would only clutter a server's log
     return load_pipeline(run, args)
 
 

@@ -114,9 +114,9 @@ class Job:
 class JobQueue:
     """A bounded FIFO of jobs and the one worker thread that runs them."""
 
-    def __init__(self, max_queue: int, on_finish: Callable[[Job], None] | None = None) -> None:
+    def __init__(self, max_queue: int, on_finish: Callable[[Job, Any], None] | None = None) -> None:
         self.max_queue = max_queue
-        self.on_finish = on_finish or (lambda job: None)
+        self.on_finish = on_finish or (lambda job, result: None)  # with the job's result (None unless done)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._seq = itertools.count(1)
@@ -214,7 +214,7 @@ class JobQueue:
             job.future.set_exception(error)
             job.emit("cancelled" if state == "cancelled" else "error", message=str(error) or type(error).__name__)
         try:
-            self.on_finish(job)
+            self.on_finish(job, result)
         except Exception:  # noqa: BLE001 - bookkeeping must never stop the worker
             traceback.print_exc(file=sys.stderr)
 

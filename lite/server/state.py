@@ -56,9 +56,9 @@ class Server:
         """`fn(*args)` on a parser thread; the event loop goes on serving meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.parsers, fn, *args)
 
-    def _finished(self, job: Job) -> None:
-        stats = getattr(self.pipe, "last_run", None) if job.state == "done" else None
-        self.metrics.job_finished(job.task, job.state, stats)
+    def _finished(self, job: Job, result: Any) -> None:
+        """The stats of the job's result (its client may already hold the result itself)."""
+        self.metrics.job_finished(job.task, job.state, result.get("stats") if isinstance(result, dict) else None)
 
     @property
     def preset_name(self) -> str | None:

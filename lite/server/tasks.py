@@ -13,7 +13,7 @@ from PIL import Image
 
 from lite.errors import Cancelled
 from lite.model.processing import understanding_prompt
-from lite.runtime import metadata, outputs
+from lite.runtime import outputs
 from lite.server.jobs import Job
 from lite.server.openai_schema import ChatRequest, ImageRequest
 
@@ -28,12 +28,12 @@ def data_uri(image: Image.Image) -> str:
 
 
 def run_stats(stats: Any) -> dict[str, Any]:
-    if stats is None:
-        return {}
-    return {"task": stats.task, "seconds": round(stats.seconds, 4), "nfe": stats.nfe, "steps": stats.steps,
-            "width": stats.width, "height": stats.height, "peak_device_bytes": stats.peak_device_bytes,
-            "peak_rss_bytes": stats.peak_rss_bytes, "phases": {k: round(v, 4) for k, v in stats.phases.items()},
-            "cache": getattr(stats, "cache", None) or {}}  # understanding: prefix tokens reused, the caches' counts
+    """A result's `RunStats` as the API reports it (`RunStats.to_dict`: steps and NFE per image, as the CLI; for
+    understanding, `cache`: prefix tokens reused and the caches' counts)."""
+    out = stats.to_dict()
+    for key in ("settings", "machine", "tokens"):
+        out.pop(key, None)
+    return out
 
 
 def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
@@ -60,27 +60,24 @@ def image_job(pipe: Any, req: ImageRequest) -> Callable[[Job], dict[str, Any]]:
             if getattr(req, name) is not None:
                 kwargs[name] = getattr(req, name)
         if req.task == "t2i":
-            images = pipe.generate(req.prompt, width=req.width, height=req.height, **kwargs)
+            result = pipe.generate(req.prompt, width=req.width, height=req.height, **kwargs)
         else:
             source = req.image
             if req.width is not None and (req.width, req.height) != source.size:
                 source = source.resize((req.width, req.height), Image.Resampling.BICUBIC)
             if req.img_cfg is not None:
                 kwargs["img_cfg"] = req.img_cfg
-            images = pipe.edit(source, req.prompt, **kwargs)
-        if job.cancelled:
+            result = pipe.edit(source, req.prompt, **kwargs)
+        if job.cancelled or result.cancelled:
             raise Cancelled("cancelled by the client")
-        stats = pipe.last_run
         data = []
-        for i, image in enumerate(images):
-            seed = req.seed + i
-            meta = metadata.image_metadata(pipe.model_id, stats, req.task, getattr(pipe.preset, "name", None), seed,
-                                          req.negative_prompt)
+        for i, image in enumerate(result.images):
+            meta = result.metadata(i)
             if req.task == "edit":
                 meta["source"] = "upload"
-            data.append({"b64_json": base64.b64encode(png_bytes(image, meta)).decode(), "seed": seed,
+            data.append({"b64_json": base64.b64encode(png_bytes(image, meta)).decode(), "seed": result.seeds[i],
                          "revised_prompt": req.prompt})
-        return {"data": data, "stats": run_stats(stats), "settings": dict(stats.settings)}
+        return {"data": data, "stats": run_stats(result.stats), "settings": dict(result.stats.settings)}
 
     return run
 
@@ -96,21 +93,19 @@ def chat_job(pipe: Any, req: ChatRequest, stream: bool) -> Callable[[Job], dict[
                       top_p=req.top_p, history=req.history or None, seed=req.seed)
         if stream:
             pieces = pipe.understand(req.images, req.question, stream=True, **kwargs)
-            text: list[str] = []
             try:
                 for piece in pieces:
                     if job.cancelled:
                         raise Cancelled("cancelled by the client")
                     if piece:
-                        text.append(piece)
                         job.emit("delta", content=piece)
             finally:
                 pieces.close()
-            answer = "".join(text)
+            answer, stats = pieces.text, pieces.stats
         else:
-            answer = pipe.understand(req.images, req.question, **kwargs)
-        stats = pipe.last_run
-        tokens = int(getattr(stats, "tokens", 0) or 0) or _count_tokens(pipe, answer)
+            result = pipe.understand(req.images, req.question, **kwargs)
+            answer, stats = result.text, result.stats
+        tokens = stats.tokens or _count_tokens(pipe, answer)
         return {"text": answer, "completion_tokens": tokens, "prompt_tokens": _prompt_tokens(pipe, req),
                 "finish_reason": "length" if tokens >= req.max_tokens else "stop", "stats": run_stats(stats)}
 

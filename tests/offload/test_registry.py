@@ -164,12 +164,13 @@ def test_the_cpu_plan_hooks_come_off_the_tiny_model_bitwise(tiny_dir) -> None:
     from lite.runtime.cpu.probes import this_machine_plan
     from lite.runtime.loading import load_weights
     from lite.runtime.pipeline import OvisPipeline
+    from lite.runtime.resolve import resolve
 
-    model, report, _ = load_weights(tiny_dir, torch.device("cpu"), None, torch.float32, None, None, False)
+    model, report, _ = load_weights(resolve(tiny_dir, device="cpu", dtype=None, progress=False))
     pipe = OvisPipeline(model, load_tokenizer(tiny_dir), load_preprocessor_config(tiny_dir, model.config.vision),
                         torch.device("cpu"), False, report)
     state = _snapshot(model)
-    first = pipe.generate("a fox", width=32, height=32, steps=2, seed=5).tobytes()
+    first = pipe.generate("a fox", width=32, height=32, steps=2, seed=5).image.tobytes()
     real = this_machine_plan()
     for cpu_plan in (real, replace(real, compute=Choice("fp32", "test"))):
         hooks = install_cpu_plan(model, cpu_plan)
@@ -178,4 +179,4 @@ def test_the_cpu_plan_hooks_come_off_the_tiny_model_bitwise(tiny_dir) -> None:
         for k, v in model.state_dict().items():
             assert not v.is_mkldnn and v.dtype == state[k].dtype and torch.equal(v, state[k]), k
         assert not any("forward" in vars(m) or hook_names(m) for m in model.modules())
-        assert pipe.generate("a fox", width=32, height=32, steps=2, seed=5).tobytes() == first
+        assert pipe.generate("a fox", width=32, height=32, steps=2, seed=5).image.tobytes() == first

@@ -44,8 +44,8 @@ def test_a_repeated_generate_hits_the_cache_and_gives_the_same_bits_as_without_i
     pipe.caches.set_enabled(False)
     uncached = pipe.generate("a red fox", seed=2, **SIZE)
     assert pipe.last_run.cache["enabled"] is False and _conditions(pipe)["entries"] == 0
-    assert np.array_equal(np.asarray(cached), np.asarray(uncached))
-    assert not np.array_equal(np.asarray(first), np.asarray(cached))  # the seed still matters
+    assert np.array_equal(np.asarray(cached.image), np.asarray(uncached.image))
+    assert not np.array_equal(np.asarray(first.image), np.asarray(cached.image))  # the seed still matters
 
 
 def test_num_images_computes_the_conditions_once(pipe: OvisPipeline) -> None:
@@ -60,7 +60,7 @@ def test_a_repeated_edit_reuses_all_three_conditions_bitwise(pipe: OvisPipeline)
     cached = pipe.edit(source.copy(), "make it night", steps=2, seed=3)  # an equal picture, another object
     assert _conditions(pipe)["hits"] == 3
     pipe.caches.set_enabled(False)
-    assert np.array_equal(np.asarray(cached), np.asarray(pipe.edit(source, "make it night", steps=2, seed=3)))
+    assert np.array_equal(np.asarray(cached.image), np.asarray(pipe.edit(source, "make it night", steps=2, seed=3).image))
 
 
 def test_prompt_negative_prompt_and_size_each_miss(pipe: OvisPipeline) -> None:

@@ -121,4 +121,4 @@ def test_phases_release_what_they_do_not_use_and_results_do_not_change(tiny_dir:
     listeners[0]("decode")
     pipe.phase_listeners.remove(listeners[0])
     second = pipe.generate("a red cat", width=64, height=64, steps=2, seed=3)
-    assert first.tobytes() == second.tobytes()  # same pixels with and without releasing
+    assert first.image.tobytes() == second.image.tobytes()  # same pixels with and without releasing

@@ -171,8 +171,8 @@ def test_public_api_streams_report_phases_and_match_non_streamed(pipe) -> None:
     pipe.caches.clear()
     img = _image(10)
     answer = pipe.understand(img, "What is it?", max_new_tokens=8)
-    streamed = "".join(pipe.understand(img, "What is it?", max_new_tokens=8, stream=True))
-    assert streamed == answer
-    stats = pipe.last_run
+    stream = pipe.understand(img, "What is it?", max_new_tokens=8, stream=True)
+    assert "".join(stream) == answer.text
+    stats = stream.stats
     assert {"vision", "prefill", "decode", "ttft"} <= set(stats.phases) and stats.tokens == 8
     assert stats.cache["prefix_tokens_reused"] > 0 and stats.cache["prefix_kv"]["reused_tokens"] > 0
