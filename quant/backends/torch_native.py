@@ -33,9 +33,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import QuantFormatError
-from ..formats import dtype_from_name, dtype_name, effective_group_size
+from ..formats import dtype_from_name, dtype_name
 from . import int4_prefill
-from .int4_layouts import CPU_LAYOUTS, MAGIC, PORTABLE, pack_int4, pack_levels_, unpack_int4
+from .int4_layouts import (CPU_LAYOUTS, INT4_GROUP_SIZES, MAGIC, PORTABLE, int4_group_size, pack_int4,
+                           pack_levels_, unpack_int4)
 from .base import LayerKind, LayerSpec, Shape, element_size, layout
 
 name = "native"
@@ -44,7 +45,6 @@ formats: tuple[str, ...] = ("int4", "int8")
 #: no fp8 entry, so fp8 still falls back to torch's Int8Linear where quanto is missing (as before).
 auto: dict[str, tuple[str, int]] = {"int4": ("int4", 1), "int8": ("int8", 1), "nf4": ("int4", 2), "fp4": ("int4", 2)}
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "mps")
-INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 #: The dtype the CPU kernels run in (their fp32 path is scalar); MPS runs the compute dtype itself.
 CPU_KERNEL_DTYPE = torch.bfloat16
 #: On MPS/CPU the int4 converters take this many k tiles (tinygemm's default).
@@ -155,16 +155,6 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int, param_dtype: tor
         else:
             q[r0:r1] = wf.add_(MAGIC).view(torch.uint8)[:, 0::4]
     return q, sz
-
-
-def int4_group_size(n: int, k: int, requested: int) -> int | None:
-    """The group size an int4 layer of [n, k] gets, or None when the kernel cannot hold it (`accepts`)."""
-    g = effective_group_size(k, requested)
-    if g is None and k in INT4_GROUP_SIZES:
-        g = k
-    if g not in INT4_GROUP_SIZES or k % g or n % 16 or k % 2:
-        return None
-    return g
 
 
 # -- layers --
@@ -297,15 +287,8 @@ def kind(module: nn.Module) -> LayerKind:
 
 def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
     """int4 where the packed kernel holds the shape (group 32..256 dividing in, out % 16 == 0); int8 always."""
-    if fmt != "int4" or int4_group_size(*shape, spec.group_size) is not None:
-        return None
-    return f"torch's int4 kernel needs out % 16 == 0 and a group of {INT4_GROUP_SIZES} dividing in, not {list(shape)}"
-
-
-def _int4_group(n: int, k: int, spec: LayerSpec) -> int:
-    if (why := accepts((n, k), "int4", "cpu", spec)) is not None:
-        raise QuantFormatError(f"{why} (quant.backends.resolve gives such a layer int8)")
-    return int4_group_size(n, k, spec.group_size)
+    ok = fmt != "int4" or int4_group_size(*shape, spec.group_size) is not None
+    return None if ok else f"torch's int4 kernel needs out % 16 == 0 and a group of 32..256 dividing in, not {shape}"
 
 
 def _kernel_dtype(device_type: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -320,7 +303,7 @@ def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: tor
     with torch.no_grad():
         w = weight.detach().to(device)
         if fmt == "int4":
-            gs = _int4_group(n, k, spec)
+            gs = int4_group_size(n, k, spec.group_size, strict=True)
             b = None if bias is None else bias.to(device)
             if device.type == "cpu" and cpu_int4_layout() in CPU_LAYOUTS:
                 packed, sz = quantize_int4_groups(w, gs, kd, cpu_int4_layout())
@@ -337,7 +320,7 @@ def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute
     kd = element_size(_kernel_dtype(device_type, compute_dtype))
     bias_bytes = n * element_size(compute_dtype) if bias else 0
     if fmt == "int4":
-        gs = _int4_group(n, k, spec)
+        gs = int4_group_size(n, k, spec.group_size, strict=True)
         groups = (k // gs) * n
         return layout(n * k // 2, scales=groups * kd, zeros=groups * kd, bias=bias_bytes)
     return layout(n * k, scales=n * kd, bias=bias_bytes)
