@@ -20,7 +20,7 @@ from lite.cli.run import resolve_decoding, resolve_seed, stream_answer
 from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
 from lite.cli.types import utf8_problem
 
-HELP = "commands: /image PATH (attach to the next question), /clear, /save FILE, /quit"
+HELP = "commands: /image PATH (attach to the next question), /clear, /save FILE, /stats, /quit"
 
 
 @dataclass
@@ -69,7 +69,15 @@ def _save(conv: Conversation, target: str) -> str:
     return str(path)
 
 
-def _command(conv: Conversation, line: str, args: argparse.Namespace) -> bool:
+def _cache_line(caches: dict[str, Any]) -> str:
+    """One line of the caches' counts: `/stats` in the chat."""
+    parts = [f"{name} {c['hits']} hits / {c['misses']} misses, {c['entries']} entries, {c['bytes'] / 2**20:.1f} MiB"
+             for name, c in caches.items() if isinstance(c, dict)]
+    state = "" if caches.get("enabled", True) else " (off: --no-cache)"
+    return f"caches{state}: " + "; ".join(parts)
+
+
+def _command(conv: Conversation, line: str, args: argparse.Namespace, pipe: Any = None) -> bool:
     """Handle a /command; False ends the chat."""
     from lite.errors import InputError
     from lite.model.images import load_image
@@ -90,6 +98,8 @@ def _command(conv: Conversation, line: str, args: argparse.Namespace) -> bool:
         if not rest:
             raise InputError("/save needs a file name: /save chat.json")
         notice(args, f"saved the transcript to {_save(conv, rest)}")
+    elif name == "/stats" and pipe is not None:
+        notice(args, _cache_line(pipe.caches.stats()))
     elif name == "/help":
         notice(args, HELP)
     else:
@@ -147,7 +157,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if problem:
                 raise InputError(problem)
             if line.startswith("/"):
-                if not _command(conv, line, args):
+                if not _command(conv, line, args, pipe):
                     break
                 continue
             _ask(pipe, conv, line, args, run.preset.name, seed)

@@ -77,6 +77,8 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: the number of physical cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, notices or summaries")
     p.add_argument("--json", action="store_true", help="print one JSON object per result on stdout")
+    p.add_argument("--no-cache", action="store_true",
+                   help="keep nothing between calls (vision, prefix KV and condition caches off)")
 
 
 def _image_options(p: argparse.ArgumentParser, task: str) -> None:

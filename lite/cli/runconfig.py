@@ -120,6 +120,7 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
     with warnings.catch_warnings(record=True) as caught:  # the runtime's notices, as one line each
         warnings.simplefilter("always", Notice)
         pipe = OvisPipeline.load(run.resolved)
+        pipe.caches.set_enabled(not getattr(args, "no_cache", False))  # --no-cache
     for warning in caught:
         if issubclass(warning.category, Notice):
             notice(args, str(warning.message))

@@ -83,16 +83,19 @@ class OvisPipeline(ImageTasks):
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = "auto", vae_dtype: torch.dtype = torch.float32,
                         preset: str | Preset | None = None, budget_bytes: int | None = None,
-                        progress: bool = True) -> "OvisPipeline":
+                        progress: bool = True, cache: bool = True) -> "OvisPipeline":
         """Load a checkpoint directory (or the HF cache, or a pre-quantized checkpoint).
 
         Without a preset: every weight in `dtype` (bf16 by default), the VAE in fp32 like the reference,
         and the reference's sampler. With a preset (a name or a `Preset`): its precision is applied while
         the tensors stream in, its sampler becomes the default of `generate`/`edit`, its VAE tiling is set,
         and on CUDA/MPS the weights stay on the host and page through the device inside `budget_bytes`
-        (default: the preset's budget). An accelerator asked for by name must exist.
+        (default: the preset's budget). An accelerator asked for by name must exist. `cache=False` turns
+        the caches between calls off (`pipe.caches`: vision, prefix KV, conditions).
         """
-        return cls.load(resolve(path, device, dtype, vae_dtype, preset, budget_bytes, progress))
+        pipe = cls.load(resolve(path, device, dtype, vae_dtype, preset, budget_bytes, progress))
+        pipe.caches.set_enabled(cache)
+        return pipe
 
     @classmethod
     def load(cls, run: ResolvedRun) -> "OvisPipeline":

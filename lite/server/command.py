@@ -60,6 +60,8 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="most new tokens per answer (default: 2048)")
     p.add_argument("--vram", help="choose the preset as if the GPU had this much free memory, e.g. 6GB")
     p.add_argument("--ram", help="choose the preset as if the host had this much RAM, e.g. 16GB")
+    p.add_argument("--no-cache", action="store_true",
+                   help="keep nothing between requests (vision, prefix KV and condition caches off)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the number of physical cores)")
     p.add_argument("--quiet", action="store_true", help="no load report and no access log")
     p.set_defaults(func=run_serve, command="serve")

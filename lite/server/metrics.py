@@ -20,6 +20,7 @@ class Metrics:
         self.jobs: Counter[str] = Counter()  # "t2i:done", "chat:cancelled", ...
         self.events: Counter[str] = Counter()  # "disconnects"
         self.last_job: dict[str, Any] | None = None  # the stats of the last job that finished its run
+        self.caches: dict[str, Any] = {}  # the pipeline's caches after the last run (RuntimeCaches.stats())
         self._process = psutil.Process()
 
     def request(self, path: str, status: int) -> None:
@@ -41,13 +42,14 @@ class Metrics:
             self.jobs[f"{task}:{state}"] += 1
             if stats:
                 self.last_job = {key: stats.get(key) for key in keys}
+                self.caches = dict(stats.get("cache") or {})
 
     def snapshot(self, queue_length: int, running: bool, uptime: float) -> dict[str, Any]:
         with self._lock:
             return {"queue_length": queue_length, "running": int(running), "requests_total": self.requests,
                     "errors_total": self.errors, "responses_by_status": {str(k): v for k, v in sorted(self.by_status.items())},
                     "jobs_total": dict(self.jobs), "disconnects_total": self.events["disconnects"],
-                    "last_run": self.last_job, "rss_bytes": self._process.memory_info().rss,
+                    "last_run": self.last_job, "caches": self.caches, "rss_bytes": self._process.memory_info().rss,
                     "uptime_seconds": round(uptime, 3)}
 
     @staticmethod
@@ -81,6 +83,15 @@ class Metrics:
                [("", last.get("peak_device_bytes") or 0)])
         metric("last_run_peak_rss_bytes", "gauge", "Peak host RSS during the last run.",
                [("", last.get("peak_rss_bytes", 0))])
+        caches = [(name, c) for name, c in (snap.get("caches") or {}).items() if isinstance(c, dict)]
+        for field, kind, help_text in (("hits", "counter", "Cache lookups that found their entry."),
+                                       ("misses", "counter", "Cache lookups that computed their entry."),
+                                       ("evictions", "counter", "Entries evicted to stay inside the byte budget."),
+                                       ("bytes", "gauge", "Bytes the cache holds now."),
+                                       ("entries", "gauge", "Entries the cache holds now.")):
+            suffix = "_total" if kind == "counter" else ""
+            metric(f"cache_{field}{suffix}", kind, help_text + " By cache (vision, prefix_kv, conditions).",
+                   [(f'{{cache="{name}"}}', c.get(field, 0)) for name, c in caches])
         metric("rss_bytes", "gauge", "Resident memory of the server process now.", [("", snap["rss_bytes"])])
         metric("uptime_seconds", "gauge", "Seconds since the server started.", [("", snap["uptime_seconds"])])
         return "\n".join(lines) + "\n"
