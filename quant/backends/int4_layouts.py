@@ -21,7 +21,6 @@ from typing import Callable
 import torch
 
 from ..errors import QuantFormatError
-from ..formats import effective_group_size
 
 PORTABLE = "portable"
 #: name -> (rows per block, "lanes" = low nibble row j / high row j + block/2, "pairs" = rows n, n+1)
@@ -33,8 +32,6 @@ CPU_LAYOUTS: dict[str, tuple[int, str]] = {
 
 #: Adding 2^23 to a float in [0, 2^23) leaves that integer in the low mantissa bits of its float32 word.
 MAGIC = float(2 ** 23)
-#: Group sizes the int4 kernels take (one (scale, zero) pair per group of inputs).
-INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 
 
 def _write_ints(lo: torch.Tensor, hi: torch.Tensor, dest: torch.Tensor) -> None:
@@ -129,17 +126,3 @@ def unpack_int4(packed: torch.Tensor, layout_name: str) -> torch.Tensor:
 
 
 __all__ = ["CPU_LAYOUTS", "MAGIC", "PORTABLE", "pack_int4", "pack_levels_", "unpack_int4"]
-
-
-def int4_group_size(n: int, k: int, requested: int, strict: bool = False) -> int | None:
-    """The group size an int4 layer of [n, k] gets, or None when the kernel cannot hold it (the backend's
-    `accepts`); `strict` refuses such a shape instead (the chain gives it int8: quant.backends.resolve)."""
-    g = effective_group_size(k, requested)
-    if g is None and k in INT4_GROUP_SIZES:
-        g = k
-    if g not in INT4_GROUP_SIZES or k % g or n % 16 or k % 2:
-        if strict:
-            raise QuantFormatError(f"torch's int4 kernel needs out % 16 == 0 and a group of 32..256 dividing in, "
-                                   f"not {(n, k)} (the auto chain gives such a layer int8)")
-        return None
-    return g

@@ -26,17 +26,17 @@ name it explicitly.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import QuantFormatError
-from ..formats import dtype_from_name, dtype_name
+from ..formats import dtype_from_name, dtype_name, effective_group_size
 from . import int4_prefill
-from .int4_layouts import (CPU_LAYOUTS, INT4_GROUP_SIZES, MAGIC, PORTABLE, int4_group_size, pack_int4,
-                           pack_levels_, unpack_int4)
+from .int4_layouts import CPU_LAYOUTS, PORTABLE, pack_int4, unpack_int4
+from .native_quantize import quantize_int4_groups, quantize_int8_rows
 from .base import LayerKind, LayerSpec, Shape, element_size, layout
 
 name = "native"
@@ -45,6 +45,7 @@ formats: tuple[str, ...] = ("int4", "int8")
 #: no fp8 entry, so fp8 still falls back to torch's Int8Linear where quanto is missing (as before).
 auto: dict[str, tuple[str, int]] = {"int4": ("int4", 1), "int8": ("int8", 1), "nf4": ("int4", 2), "fp4": ("int4", 2)}
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "mps")
+INT4_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, 256)
 #: The dtype the CPU kernels run in (their fp32 path is scalar); MPS runs the compute dtype itself.
 CPU_KERNEL_DTYPE = torch.bfloat16
 #: On MPS/CPU the int4 converters take this many k tiles (tinygemm's default).
@@ -92,69 +93,14 @@ def device_layout(device_type: str) -> str:
     return cpu_int4_layout() if device_type == "cpu" else f"{device_type}-packed"
 
 
-# -- quantizers (pure torch, fp32 math on the way, one weight at a time) --
-
-#: fp32 elements quantized at a time, in one scratch reused across chunks (2 MB: it stays in cache, and no
-#: chunk allocates, or page-faults, fresh memory); chunks are whole multiples of 64 rows (every int4 block).
-CHUNK_ELEMENTS = 1 << 19
-
-
-def _chunks(w: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(r0, r1, an fp32 copy of w[r0:r1]) per chunk, in one reused scratch (never the caller's weight)."""
-    n, k = w.shape
-    step = max(64, CHUNK_ELEMENTS // k // 64 * 64)
-    scratch = torch.empty(min(n, step) * k, dtype=torch.float32, device=w.device)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        yield r0, r1, scratch[: (r1 - r0) * k].view(r1 - r0, k).copy_(w[r0:r1])
-
-
-def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 with the scale rounded to `scale_dtype` first, so q matches the stored scale."""
-    w = weight.detach()
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
-    for r0, r1, wf in _chunks(w):
-        absmax = wf.abs().amax(dim=1)
-        s = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).to(scale_dtype)
-        scale[r0:r1] = s
-        # clamp, then + 2^23 + 256 rounds (half to even) and leaves q's two's-complement byte in the low byte
-        levels = wf.mul_((1.0 / s.float())[:, None]).clamp_(-127, 127).add_(MAGIC + 256.0)
-        q[r0:r1] = levels.view(torch.int8)[:, 0::4]  # no fp32 -> int8 cast (slow on CPU)
-    return q, scale
-
-
-def quantize_int4_groups(weight: torch.Tensor, group_size: int, param_dtype: torch.dtype,
-                         layout_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max int4 per group: (q, scales_and_zeros [K/g, N, 2] in `param_dtype`).
-
-    w ~ (q - 8) * scale + zero, zero = min + 8 * scale, q in 0..15; scale and zero are rounded to
-    `param_dtype` before q is chosen, so q is the nearest level of the grid the kernel really uses
-    (q = round(w / scale + 8 - zero / scale), as one multiply and one add per weight).
-    q is uint8 [N, K], or, with `layout_name`, already packed into that layout ([N, K/2]), chunk by
-    chunk (chunks are multiples of every block size, so packing per chunk equals packing the whole).
-    """
-    n, k = weight.shape
-    w = weight.detach()
-    groups = k // group_size
-    packed = layout_name is not None
-    q = torch.empty((n, k // 2 if packed else k), dtype=torch.uint8, device=w.device)
-    sz = torch.empty((groups, n, 2), dtype=param_dtype, device=w.device)
-    for r0, r1, wf in _chunks(w):
-        g = wf.view(r1 - r0, groups, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # two reductions: 8x faster than aminmax here
-        scale = ((hi - lo).clamp_(min=1e-6) / 15.0).to(param_dtype)
-        zero = (lo + 8.0 * scale.float()).to(param_dtype)
-        sz[:, r0:r1, 0] = scale.t()
-        sz[:, r0:r1, 1] = zero.t()
-        inv = 1.0 / scale.float()
-        offset = 8.0 - zero.float() * inv
-        g.mul_(inv.unsqueeze(-1)).add_(offset.unsqueeze(-1)).round_().clamp_(0, 15)
-        if packed:
-            pack_levels_(wf, layout_name, out=q[r0:r1])
-        else:
-            q[r0:r1] = wf.add_(MAGIC).view(torch.uint8)[:, 0::4]
-    return q, sz
+def int4_group_size(n: int, k: int, requested: int) -> int | None:
+    """The group size an int4 layer of [n, k] gets, or None when the kernel cannot hold it (`accepts`)."""
+    g = effective_group_size(k, requested)
+    if g is None and k in INT4_GROUP_SIZES:
+        g = k
+    if g not in INT4_GROUP_SIZES or k % g or n % 16 or k % 2:
+        return None
+    return g
 
 
 # -- layers --
@@ -287,8 +233,17 @@ def kind(module: nn.Module) -> LayerKind:
 
 def accepts(shape: tuple[int, int], fmt: str, device_type: str, spec: LayerSpec) -> str | None:
     """int4 where the packed kernel holds the shape (group 32..256 dividing in, out % 16 == 0); int8 always."""
-    ok = fmt != "int4" or int4_group_size(*shape, spec.group_size) is not None
-    return None if ok else f"torch's int4 kernel needs out % 16 == 0 and a group of 32..256 dividing in, not {shape}"
+    n, k = shape
+    if fmt != "int4" or int4_group_size(n, k, spec.group_size) is not None:
+        return None
+    return f"torch's int4 kernel needs out % 16 == 0 and a group of {INT4_GROUP_SIZES} dividing in; [{n}, {k}] has not"
+
+
+def _int4_group_or_refuse(n: int, k: int, spec: LayerSpec) -> int:
+    why = accepts((n, k), "int4", "cpu", spec)
+    if why is not None:
+        raise QuantFormatError(why + " (the auto chain gives such a layer int8: quant.backends.resolve)")
+    return int4_group_size(n, k, spec.group_size)
 
 
 def _kernel_dtype(device_type: str, compute_dtype: torch.dtype) -> torch.dtype:
@@ -303,7 +258,7 @@ def build(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, device: tor
     with torch.no_grad():
         w = weight.detach().to(device)
         if fmt == "int4":
-            gs = int4_group_size(n, k, spec.group_size, strict=True)
+            gs = _int4_group_or_refuse(n, k, spec)
             b = None if bias is None else bias.to(device)
             if device.type == "cpu" and cpu_int4_layout() in CPU_LAYOUTS:
                 packed, sz = quantize_int4_groups(w, gs, kd, cpu_int4_layout())
@@ -320,7 +275,7 @@ def layout_nbytes(n: int, k: int, bias: bool, fmt: str, spec: LayerSpec, compute
     kd = element_size(_kernel_dtype(device_type, compute_dtype))
     bias_bytes = n * element_size(compute_dtype) if bias else 0
     if fmt == "int4":
-        gs = int4_group_size(n, k, spec.group_size, strict=True)
+        gs = _int4_group_or_refuse(n, k, spec)
         groups = (k // gs) * n
         return layout(n * k // 2, scales=groups * kd, zeros=groups * kd, bias=bias_bytes)
     return layout(n * k, scales=n * kd, bias=bias_bytes)
