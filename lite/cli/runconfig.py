@@ -69,7 +69,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
         notices.append(why)
     else:
         planning.check_fits(preset, config, pp, task, width, height, machine)
-    made_for = prequantized_origin(directory, preset.name, device.type)
+    made_for = prequantized_origin(directory, kind, preset.name, device.type)
     if made_for:
         notices.append(made_for)
     if args.vram is not None and device.type == "cpu":
@@ -81,13 +81,14 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     return RunConfig(resolved, machine, notices)
 
 
-def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
-    """For a checkpoint written by `ovis-lite quantize`: which preset and device its weights were made for."""
+def prequantized_origin(directory: Path, kind: Any, preset: str, device_type: str) -> str | None:
+    """For a checkpoint written by `ovis-lite quantize` (`kind`, as resolved): the preset and device its weights
+    were made for."""
     # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
-    from lite.model.checkpoint import CheckpointKind, checkpoint_kind
+    from lite.model.checkpoint import CheckpointKind
     from lite.model.prequantized import read_checkpoint_manifest
 
-    if checkpoint_kind(directory) is not CheckpointKind.PREQUANTIZED:
+    if kind is not CheckpointKind.PREQUANTIZED:
         return None
     manifest = read_checkpoint_manifest(directory)
     made = (str(manifest.get("policy")), str(manifest.get("target_device_type")))
