@@ -4,6 +4,7 @@ Wiring: `build_units` / `units_for` -> `plan(budget, units, activation)` -> `att
 plan, device)` -> `offloader.enter_phase(name)` before each phase -> `offloader.remove()`.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ _EXPORTS = {
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'offload' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value

@@ -192,6 +192,7 @@ def unpack_cpu_4bit(obj: torch.Tensor) -> torch.Tensor:
     state = getattr(obj, "quant_state", None)
     if not is_params4bit(obj) or not getattr(state, "packing_format_for_cpu", False):
         return obj
+    # bitsandbytes pulls in torch._dynamo (seconds): only for a bnb layer, which has already loaded it.
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     state = _copy.copy(state)

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lite", "quant", "offload")
-MAX_LINES = 450
+MAX_LINES = 400
 
 
 def _py_files(*roots: str) -> list[Path]:
@@ -45,8 +45,9 @@ def _module_of(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_graph(files: list[Path]) -> dict[str, set[str]]:
-    """module -> our modules it imports, at module level or inside functions (TYPE_CHECKING ones too).
+def _import_graph(files: list[Path], at_import_only: bool = False) -> dict[str, set[str]]:
+    """module -> our modules it imports, at module level or inside functions (TYPE_CHECKING ones too); with
+    `at_import_only`, only what importing the module runs (no function bodies, no TYPE_CHECKING block).
 
     `from pkg import name` points at `pkg.name` when that is a module of ours, else at `pkg`; a package's
     `__init__` run on the way to a submodule is not an edge (it is not what the file asked for)."""
@@ -55,7 +56,10 @@ def _import_graph(files: list[Path]) -> dict[str, set[str]]:
     for p in files:
         here = _module_of(p)
         edges = graph.setdefault(here, set())
-        for module, names, _ in _imports(p):
+        lines = _module_level_lines(p) if at_import_only else None
+        for module, names, line in _imports(p):
+            if lines is not None and line not in lines:
+                continue
             targets = [f"{module}.{n}" if f"{module}.{n}" in modules else module for n in names] or [module]
             for target in targets:
                 while target and target not in modules:
@@ -143,6 +147,27 @@ def test_no_import_cycles_between_our_modules() -> None:
     assert [" -> ".join(c) for c in cycles] == []
 
 
+def _at_import_graph(extra: tuple[str, str] | None = None) -> dict[str, set[str]]:
+    """What importing each module runs, package `__init__`s included (importing a.b.c from outside a.b runs
+    a/b/__init__ first); `extra` adds one edge, as if that import moved to module level."""
+    graph = _import_graph(_py_files(*PACKAGES), at_import_only=True)
+    if extra is not None:
+        graph[extra[0]].add(extra[1])
+
+    def ancestors(m: str) -> set[str]:
+        return {m.rsplit(".", k)[0] for k in range(1, m.count(".") + 1)} & set(graph)
+
+    for m in graph:
+        graph[m] |= {a for t in list(graph[m]) for a in ancestors(t) - ancestors(m) - {m}}
+    return graph
+
+
+def test_nothing_goes_round_at_import_time() -> None:
+    """What importing a module runs has no cycle either: one fails as a partially initialized module, depending
+    on which side is imported first."""
+    assert [" -> ".join(c) for c in _cycles(_at_import_graph())] == []
+
+
 def test_the_cycle_finder_names_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set(), "e": {"a"}}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
@@ -154,6 +179,128 @@ def test_the_model_layer_asks_no_backend_about_its_limits() -> None:
     formats only and import no backend."""
     bad = [f"lite/model/precision.py:{line} imports {m}" for m, _, line in _imports(REPO / "lite/model/precision.py")
            if m.startswith("quant.backends")]
+    assert bad == []
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
+    """(line, absolute module, says why) of every module imported inside a function or method of a file.
+
+    "Says why": a comment on the import's line, or on the comment line(s) right above it (a run of imports under
+    one comment shares it)."""
+    tree = ast.parse(path.read_text(), str(path))
+    lines = path.read_text().splitlines()
+    ours = {_module_of(p) for p in _py_files(*PACKAGES)}
+    resolved: dict[int, list[str]] = {}
+    for module, names, line in _imports(path):  # `from lite.cli import run` is lite.cli.run
+        resolved.setdefault(line, []).extend(
+            {f"{module}.{n}" if f"{module}.{n}" in ours else module for n in names} or {module})
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node is not fn:
+                i = node.lineno - 1
+                says = "#" in lines[node.end_lineno - 1] or "#" in lines[i]
+                while not says and i > 0 and lines[i - 1].strip().startswith(("#", "from ", "import ")):
+                    i -= 1
+                    says = lines[i].strip().startswith("#") or "#" in lines[i]
+                out += [(node.lineno, module, says) for module in resolved.get(node.lineno, [])]
+    return sorted(set(out))
+
+
+#: Libraries kept off the start-up path (`python -X importtime`): torch takes seconds, and the CLI parses and sets
+#: the thread environment before it; transformers and diffusers take seconds; bitsandbytes and optimum-quanto pull
+#: in torch._dynamo; huggingface_hub's snapshot_download and uvicorn/fastapi (`serve` only) take a tenth of a
+#: second or more; PIL and numpy are what `--help` must not import either (tests/test_cli_help.py). psutil,
+#: tokenizers and safetensors take milliseconds: they are imported where they are used.
+HEAVY_LIBRARIES = frozenset({"torch", "transformers", "diffusers", "bitsandbytes", "optimum", "huggingface_hub",
+                             "uvicorn", "fastapi", "PIL", "numpy"})
+
+
+def _module_level_lines(path: Path) -> set[int]:
+    """Lines of the imports that importing the file runs (not in functions, not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(), str(path))
+    lazy = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)):
+            lazy |= {id(n) for n in ast.walk(node)}
+    return {n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in lazy}
+
+
+def _heavy_at_import() -> dict[str, set[str]]:
+    """Our module -> the heavy libraries importing it loads (through our modules' module-level imports)."""
+    files = {_module_of(p): p for p in _py_files(*PACKAGES)}
+    at_import = {m: _module_level_lines(p) for m, p in files.items()}
+    direct = {m: {_top(mod) for mod, _, line in _imports(p) if line in at_import[m]} for m, p in files.items()}
+    level = _import_graph(list(files.values()), at_import_only=True)
+    for m in files:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        level[m] |= {p for p in (m.rsplit(".", k)[0] for k in range(1, m.count(".") + 1)) if p in files}
+    heavy: dict[str, set[str]] = {}
+
+    def visit(m: str, seen: set[str]) -> set[str]:
+        if m in heavy:
+            return heavy[m]
+        out = direct[m] & HEAVY_LIBRARIES
+        for t in level[m] - seen:
+            out |= visit(t, seen | {m})
+        if not seen:
+            heavy[m] = out
+        return out
+
+    for m in files:
+        visit(m, set())
+    return heavy
+
+
+def _is_lazy_package_attribute(path: Path, line: int) -> bool:
+    """An import inside a package `__init__`'s module-level `__getattr__` (PEP 562): the public name
+    (`from lite import OvisPipeline`) without making every `import lite.x` load what it names."""
+    if path.name != "__init__.py":
+        return False
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            return node.lineno <= line <= (node.end_lineno or node.lineno)
+    return False
+
+
+def test_function_level_imports_only_keep_heavy_libraries_off_the_start_up_path() -> None:
+    """An import inside a function hides a dependency. It is allowed only where it keeps a heavy library
+    (`HEAVY_LIBRARIES`) off the start-up path, directly or through our module that imports one (and that the
+    importing module does not load already), and a comment says so. Never the standard library, nor one of our
+    modules that defers nothing (that only hid a cycle, or nothing). The one other case: the import would go
+    round at import time only through a package `__init__` that re-exports (lite.cli's `main` for the console
+    script), which the module graph itself does not hold; a comment says so there too."""
+    import sys
+
+    heavy = _heavy_at_import()
+    bad = []
+    for p in _py_files(*PACKAGES):
+        for line, module, says in _function_level_imports(p):
+            where = f"{p.relative_to(REPO)}:{line} imports {module}"
+            if _top(module) in PACKAGES:
+                target = module
+                while target and target not in heavy:
+                    target = target.rpartition(".")[0]
+                deferred = heavy.get(target, set()) - heavy[_module_of(p)]
+                if _is_lazy_package_attribute(p, line):
+                    continue
+                if not deferred and not _cycles(_at_import_graph((_module_of(p), target))):
+                    bad.append(f"{where} (defers no heavy library this module does not load already: import it "
+                               f"at module level)")
+                elif not deferred and not says:
+                    bad.append(f"{where} (would go round through a package init at import time: say so)")
+                elif not says:
+                    bad.append(f"{where} (defers {sorted(deferred)}: say in a comment why it waits)")
+            elif _top(module) in sys.stdlib_module_names:
+                bad.append(f"{where} (the standard library: import it at module level)")
+            elif _top(module) not in HEAVY_LIBRARIES:
+                bad.append(f"{where} (not a heavy library: import it at module level, or name it heavy here)")
+            elif _top(module) in heavy[_module_of(p)]:
+                bad.append(f"{where} (this module loads it already: import it at module level)")
+            elif not says:
+                bad.append(f"{where} (a heavy library: say in a comment why it waits)")
     assert bad == []
 
 

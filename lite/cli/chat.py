@@ -15,10 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from offload.errors import UserError
+
 from lite.cli.report import answer_result, count_tokens, notice, say, summary, user_error_line
 from lite.cli.run import resolve_decoding, resolve_seed, stream_answer
 from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
 from lite.cli.types import utf8_problem
+from lite.errors import InputError, OutputError
+from lite.model.images import load_image
+from lite.runtime.outputs import atomic_write
 
 HELP = "commands: /image PATH (attach to the next question), /clear, /save FILE, /stats, /quit"
 
@@ -58,9 +63,6 @@ def _read_line(stream: TextIO, interactive: bool) -> str | None:
 
 
 def _save(conv: Conversation, target: str) -> str:
-    from lite.errors import OutputError
-    from lite.runtime.outputs import atomic_write
-
     path = Path(target)
     if path.exists() or path.is_symlink():
         raise OutputError(f"{path} already exists; /save to a new file")
@@ -79,9 +81,6 @@ def _cache_line(caches: dict[str, Any]) -> str:
 
 def _command(conv: Conversation, line: str, args: argparse.Namespace, pipe: Any = None) -> bool:
     """Handle a /command; False ends the chat."""
-    from lite.errors import InputError
-    from lite.model.images import load_image
-
     name, _, rest = line.partition(" ")
     rest = rest.strip()
     if name in ("/quit", "/exit"):
@@ -108,6 +107,7 @@ def _command(conv: Conversation, line: str, args: argparse.Namespace, pipe: Any 
 
 
 def _ask(pipe: Any, conv: Conversation, question: str, args: argparse.Namespace, preset: str, seed: int) -> None:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.processing import Turn
 
     new = conv.pending[:]
@@ -128,10 +128,6 @@ def _ask(pipe: Any, conv: Conversation, question: str, args: argparse.Namespace,
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lite.errors import InputError
-    from lite.model.images import load_image
-    from offload.errors import UserError
-
     resolve_decoding(args)  # a temperature > 0 samples, as in `ask`, the API and the page
     paths = [*args.image, *args.images]  # attached to the first question
     conv = Conversation()

@@ -11,7 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from PIL import Image
+
+from lite.errors import OutputError
 from lite.memory import format_bytes, peak_rss_bytes
+from lite.model.tiny import make_tiny
+from lite.runtime.outputs import check_output_path, save_image
 
 DEMO_SEED = 0
 DEMO_SAMPLING = dict(steps=12, solver="unipc", spacing="linear")  # the fast settings
@@ -19,8 +25,6 @@ DEMO_SAMPLING = dict(steps=12, solver="unipc", spacing="linear")  # the fast set
 
 def demo_checkpoint() -> Path:
     """A tiny checkpoint cached under $XDG_CACHE_HOME/ovis-lite (made once)."""
-    from lite.model.tiny import make_tiny
-
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ovis-lite" / f"tiny-seed{DEMO_SEED}"
     if not (cache / "model.safetensors.index.json").exists():
         make_tiny(cache, seed=DEMO_SEED, overwrite=True)
@@ -32,9 +36,6 @@ DEMO_FILES = ("t2i.png", "edit.png")
 
 def check_demo_output(out_dir: Path, overwrite: bool) -> None:
     """Refuse before any work when an earlier demo's images (or the user's files) would be replaced."""
-    from lite.errors import OutputError
-    from lite.runtime.outputs import check_output_path
-
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} is a file, not a folder; choose another --out")
     taken = [name for name in DEMO_FILES if (out_dir / name).exists() or (out_dir / name).is_symlink()]
@@ -47,10 +48,7 @@ def check_demo_output(out_dir: Path, overwrite: bool) -> None:
 
 def run_demo(out_dir: Path, quiet: bool = False, overwrite: bool = False) -> list[tuple[str, float, int]]:
     check_demo_output(out_dir, overwrite)
-    import torch
-    from PIL import Image
-
-    from lite.runtime.outputs import save_image
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.pipeline import OvisPipeline
 
     def say(msg: str) -> None:

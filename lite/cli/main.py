@@ -17,8 +17,12 @@ import threading
 import time
 from typing import Any, Callable
 
+from offload.errors import UserError
+
 from lite.cli.parser import EXIT_USAGE, build_parser
 from lite.cli.report import user_error_line
+from lite.runtime.cpu.threads import early_environment
+from lite.server.command import run_serve
 
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_PIPE = 130, 143, 141
 
@@ -30,18 +34,16 @@ class Terminated(KeyboardInterrupt):
 def _command(name: str) -> Callable[[argparse.Namespace], int]:
     """The handler of one command, importing only its own module."""
     if name == "serve":
-        from lite.server.command import run_serve
-
         return run_serve
     if name == "chat":
-        from lite.cli.chat import cmd_chat
+        from lite.cli.chat import cmd_chat  # PIL, and torch once it runs: never for `--help` or a bad option
 
         return cmd_chat
     if name in ("ask", "generate", "edit"):
-        from lite.cli import run
+        from lite.cli import run  # PIL, and torch once it runs: never for `--help` or a bad option
 
         return {"ask": run.cmd_ask, "generate": run.cmd_generate, "edit": run.cmd_edit}[name]
-    from lite.cli import tools
+    from lite.cli import tools  # PIL, and torch once it runs: never for `--help` or a bad option
 
     return {"demo": tools.cmd_demo, "make-tiny": tools.cmd_make_tiny, "inspect": tools.cmd_inspect,
             "info": tools.cmd_info, "presets": tools.cmd_presets, "plan": tools.cmd_plan,
@@ -113,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch initialises CUDA: paging units through the device fragments the default allocator.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # Before torch starts OpenMP: its wait policy, from how busy the CPUs are (lite/runtime/cpu/threads.py).
-    from lite.runtime.cpu.threads import early_environment
-
     os.environ.update(early_environment())
     parser = build_parser(args_list)
     if not args_list:
@@ -151,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from offload.errors import UserError
-
     try:
         return _command(args.command)(args)
     except UserError as exc:

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from lite import __version__
 from lite.cli import types
+from lite.server.command import add_serve_parser
 
 EXIT_USAGE = 2
 PRESET_NAMES_MARK = "{presets}"
@@ -40,6 +41,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def _preset_names() -> list[str]:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.presets import PRESETS
 
     return list(PRESETS)
@@ -278,18 +280,9 @@ SERVE_HELP = "keep one model resident behind a local HTTP API and a web page (`o
 
 
 def _add_serve_parser(sub: Any, command: str | None) -> None:
-    """`serve` comes from lite.server: its parser is imported only when `serve` runs, so that `--help`
-    and the other commands never import the server (nor what it imports); the CLI works without it."""
-    from importlib.util import find_spec
-
-    if find_spec("lite.server") is None:
-        return
+    """`serve`'s own options (from lite.server) are added only when `serve` runs: the other commands list it."""
     if command != "serve":
         sub.add_parser("serve", help=SERVE_HELP, add_help=False)
-        return
-    try:
-        from lite.server.command import add_serve_parser
-    except ImportError:
         return
     add_serve_parser(sub)
 

@@ -18,6 +18,7 @@ def notice(args: argparse.Namespace, message: str) -> None:
 
 
 def summary(args: argparse.Namespace, stats: Any, output: str | None, extra: str = "") -> None:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.memory import format_bytes
 
     dev = f", device peak {format_bytes(stats.peak_device_bytes)}" if stats.peak_device_bytes is not None else ""

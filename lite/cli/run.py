@@ -13,6 +13,11 @@ from lite.cli import settings
 from lite.cli.report import answer_result, count_tokens, image_result, summary
 from lite.cli.runconfig import check_max_new_tokens, load_pipeline, resolve_run
 from lite.cli.types import utf8_problem
+from lite.errors import InputError
+from lite.model.images import load_image
+from lite.runtime.metadata import image_metadata
+from lite.runtime.outputs import save_image
+from lite.validation import check_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -21,8 +26,6 @@ def _preview_callback(pipe: Any, args: argparse.Namespace) -> Callable[[int, int
     """Write a cheap decoded preview every --preview-every steps (and at the last one)."""
     if not args.preview:
         return None
-    from lite.runtime.outputs import save_image
-
     def callback(step: int, total: int, latent: Any) -> None:
         if step % args.preview_every == 0 or step == total:
             save_image(pipe.preview(latent), args.preview, overwrite=True)
@@ -40,13 +43,9 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
     if args.negative_prompt is not None:
         problem = utf8_problem("--negative-prompt", args.negative_prompt)
         if problem:
-            from lite.errors import InputError
-
             raise InputError(problem)
     source = None
     if task == "edit":
-        from lite.model.images import load_image
-
         source = load_image(args.image)
     jobs = settings.plan_jobs(args, prompts)
     settings.check_solver(args)
@@ -58,8 +57,6 @@ def _image_run(args: argparse.Namespace, task: str) -> int:
     extra: dict[str, Any] = settings.sampling(args)
     if args.negative_prompt is not None:
         extra["negative_prompt"] = args.negative_prompt
-    from lite.runtime.outputs import save_image
-
     callback = _preview_callback(pipe, args)
     if callback is not None:
         extra["callback"] = callback
@@ -101,9 +98,6 @@ def looks_like_image(arg: str) -> bool:
 
 def split_ask_inputs(args: argparse.Namespace) -> tuple[list[str], str]:
     """`ask [IMAGE...] QUESTION` plus `--image PATH`: the image paths and the question."""
-    from lite.errors import InputError
-    from lite.validation import check_text
-
     if not args.inputs:
         raise InputError("the question is missing; e.g. ovis-lite ask cat.png \"What is it?\"")
     *positional, question = args.inputs
@@ -130,8 +124,6 @@ DEFAULT_TEMPERATURE = 0.7  # with --sample and no --temperature
 def resolve_decoding(args: argparse.Namespace) -> None:
     """One rule for the CLI, the API and the page: a temperature > 0 samples, 0 (or none) is greedy;
     `--sample` alone samples at 0.7. `--sample --temperature 0` contradicts itself and is refused."""
-    from lite.errors import InputError
-
     if args.temperature is not None and args.temperature == 0:
         if args.sample:
             raise InputError("--sample with --temperature 0 contradicts itself; drop --sample for greedy "
@@ -145,8 +137,6 @@ def resolve_decoding(args: argparse.Namespace) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from lite.model.images import load_image
-
     paths, question = split_ask_inputs(args)
     resolve_decoding(args)
     images = [load_image(p) for p in paths]

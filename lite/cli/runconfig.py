@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lite.cli.report import load_report_cpu, notice, say
+from lite.errors import InputError, Notice
+from lite.runtime.cpu.threads import configure_threads as configure
 
 if TYPE_CHECKING:  # torch and the model layer load after the arguments are checked
     from lite.runtime.resolve import ResolvedRun
@@ -38,15 +40,7 @@ class RunConfig:
 
 
 def configure_threads(threads: int | None) -> None:
-    """--threads N (default: physical cores) through the CPU helper's hardware module when present."""
-    try:
-        from lite.runtime.cpu.threads import configure_threads as configure
-    except ImportError:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        return
+    """--threads N (default: physical cores), through the CPU threads module."""
     configure(threads)
 
 
@@ -57,6 +51,7 @@ def progress_enabled(args: argparse.Namespace) -> bool:
 
 def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) -> RunConfig:
     """The user's preset (checked to fit) or the best one for this machine, and where it runs."""
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime import planning
     from lite.runtime.devices import resolve_device, resolve_dtype
     from lite.runtime.machine import detect_machine
@@ -74,7 +69,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
         notices.append(why)
     else:
         planning.check_fits(preset, config, pp, task, width, height, machine)
-    made_for = prequantized_origin(directory, preset.name, device.type)
+    made_for = prequantized_origin(directory, kind, preset.name, device.type)
     if made_for:
         notices.append(made_for)
     if args.vram is not None and device.type == "cpu":
@@ -86,12 +81,14 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     return RunConfig(resolved, machine, notices)
 
 
-def prequantized_origin(directory: Path, preset: str, device_type: str) -> str | None:
-    """For a checkpoint written by `ovis-lite quantize`: which preset and device its weights were made for."""
-    from lite.model.checkpoint import CheckpointKind, checkpoint_kind
+def prequantized_origin(directory: Path, kind: Any, preset: str, device_type: str) -> str | None:
+    """For a checkpoint written by `ovis-lite quantize` (`kind`, as resolved): the preset and device its weights
+    were made for."""
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
+    from lite.model.checkpoint import CheckpointKind
     from lite.model.prequantized import read_checkpoint_manifest
 
-    if checkpoint_kind(directory) is not CheckpointKind.PREQUANTIZED:
+    if kind is not CheckpointKind.PREQUANTIZED:
         return None
     manifest = read_checkpoint_manifest(directory)
     made = (str(manifest.get("policy")), str(manifest.get("target_device_type")))
@@ -100,8 +97,6 @@ def prequantized_origin(directory: Path, preset: str, device_type: str) -> str |
 
 
 def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
-    from lite.errors import InputError
-
     limit = config.answer_token_limit
     if max_new_tokens > limit:
         raise InputError(f"--max-new-tokens {max_new_tokens} is past the model's context: at most {limit} "
@@ -111,7 +106,7 @@ def check_max_new_tokens(config: Any, max_new_tokens: int) -> None:
 
 def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
     """Load once; print the notices and the load report (one line each)."""
-    from lite.errors import Notice
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.memory import format_bytes
     from lite.runtime.pipeline import OvisPipeline
 

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lite.cli.report import notice
 from lite.cli.types import MAX_SEED, utf8_problem
+from lite.errors import InputError, OutputError
+from lite.runtime.metadata import read_metadata
+from lite.runtime.outputs import check_output_path
+from lite.validation import check_cfg, check_positive_int, check_side, check_text
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "t2i": {"width": 1024, "height": 1024, "txt_cfg": 5.0, "seed": 42},
@@ -39,9 +44,6 @@ def apply_metadata(args: argparse.Namespace, task: str) -> None:
     """Fill every option the user did not give from the metadata of `--config-from-metadata`."""
     if not getattr(args, "config_from_metadata", None):
         return
-    from lite.errors import InputError
-    from lite.runtime.metadata import read_metadata
-
     meta = read_metadata(args.config_from_metadata)
     if not isinstance(meta, dict) or "task" not in meta:
         raise InputError(f"{args.config_from_metadata} holds no ovis-lite settings to rerun")
@@ -58,8 +60,6 @@ def apply_metadata(args: argparse.Namespace, task: str) -> None:
 
 def merge_prompt_option(args: argparse.Namespace, task: str) -> None:
     """`-p/--prompt TEXT` (sd.cpp, mflux) is the positional prompt (the instruction for edit) given as an option."""
-    from lite.errors import InputError
-
     option = getattr(args, "prompt_option", None)
     if option is None:
         return
@@ -80,8 +80,6 @@ def apply_defaults(args: argparse.Namespace, task: str) -> None:
 
 def floored_size(args: argparse.Namespace) -> tuple[int, int]:
     """The size the image will have (W and H floored to multiples of 16), said once when it differs."""
-    from lite.cli.report import notice
-
     width, height = args.width // 16 * 16, args.height // 16 * 16
     if (width, height) != (args.width, args.height):
         notice(args, f"{args.width}x{args.height} is floored to multiples of 16: the image will be {width}x{height}")
@@ -90,9 +88,6 @@ def floored_size(args: argparse.Namespace) -> tuple[int, int]:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Values from metadata are untrusted: the same checks as the parser's, one line each."""
-    from lite.errors import InputError
-    from lite.validation import check_cfg, check_positive_int, check_side
-
     if args.seed != "random":  # a random seed is drawn per prompt, below 2**32
         check_positive_int("--seed", args.seed, 0, MAX_SEED)
         if args.seed + args.num_images - 1 > MAX_SEED:
@@ -114,7 +109,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_solver(args: argparse.Namespace) -> None:
-    from lite.errors import InputError
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.sampling import SOLVERS, SPACINGS
 
     if args.solver is not None and args.solver not in SOLVERS:
@@ -126,9 +121,6 @@ def check_solver(args: argparse.Namespace) -> None:
 def read_prompts(args: argparse.Namespace, text: str | None, name: str) -> list[str]:
     """The positional prompt, or one prompt per line of --prompt-file (- is stdin); blank lines and
     `# comment` lines are skipped, as in shell scripts and sd.cpp-style prompt lists."""
-    from lite.errors import InputError
-    from lite.validation import check_text
-
     source = getattr(args, "prompt_file", None)
     if source is not None:
         if text is not None:
@@ -151,8 +143,6 @@ def read_prompts(args: argparse.Namespace, text: str | None, name: str) -> list[
 
 
 def _read_file(path: str) -> bytes:
-    from lite.errors import InputError
-
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--prompt-file {path} is not a readable file")
@@ -193,9 +183,6 @@ def output_names(output: str | None, count: int) -> list[Path]:
 
 def plan_jobs(args: argparse.Namespace, prompts: list[str]) -> list[Job]:
     """Every image of the run, checked for a free output name before any model loads."""
-    from lite.errors import OutputError
-    from lite.runtime.outputs import check_output_path
-
     count = len(prompts) * args.num_images
     names = output_names(args.output, count)
     overwrite = args.overwrite and bool(args.output)  # default names are never overwritten

@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from offload.planner import BudgetError
+
 from lite.cli.runconfig import progress_enabled
+from lite.errors import InputError, OutputError
+from lite.model.config import PreprocessorConfig, load_config, load_preprocessor_config
+from lite.runtime.metadata import format_metadata, read_metadata
 
 GiB = 1 << 30
 
 
 def config_source(args: argparse.Namespace) -> Path:
     """--model DIR, --config FILE, or the real Ovis-U1-3B config shipped with ovis-lite."""
-    from importlib import resources
-
     if getattr(args, "model", None):
+        # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
         from lite.model.checkpoint import find_checkpoint
 
         return find_checkpoint(args.model)
@@ -29,23 +37,24 @@ def config_source(args: argparse.Namespace) -> Path:
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any]:
-    from lite.model.config import PreprocessorConfig, load_config, load_preprocessor_config
-
     source = config_source(args)
     return load_config(source), (load_preprocessor_config(source) if source.is_dir() else PreprocessorConfig())
 
 
 def detected_device_type() -> str:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.devices import resolve_device
 
     return resolve_device("auto")[0].type
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.sizes import format_inspect, format_quantized_bytes, inspect_config, quantized_bytes
 
     config, _ = _configs(args)
     if args.preset:
+        # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
         from lite.runtime.presets import get_preset
 
         preset = get_preset(args.preset)
@@ -62,9 +71,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     config, pp = _configs(args)
     device = detected_device_type() if args.device == "auto" else args.device
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.planning import preset_table
 
     if getattr(args, "markdown", False):
+        # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
         from lite.runtime.planning import preset_markdown
 
         print(preset_markdown(config, pp))
@@ -73,6 +84,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.planning import preset_lines
 
     print("\n".join(preset_lines(rows)))
@@ -86,6 +98,7 @@ def plan_device(args: argparse.Namespace, preset: Any) -> str:
         return args.device
     found = detected_device_type()
     if preset is not None:
+        # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
         from lite.runtime.planning import planned_device
 
         return planned_device(preset, found)
@@ -97,9 +110,10 @@ def plan_device(args: argparse.Namespace, preset: Any) -> str:
 def plan_machine(args: argparse.Namespace, device: str) -> Any:
     """The machine a run would see (as `ovis-lite generate` detects it), or the one --device/--vram/--ram
     describe: a device that is not here is assumed to have unknown free memory."""
-    import psutil
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     import torch
 
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.machine import Machine, detect_machine
 
     if device == detected_device_type() or args.vram is not None:
@@ -109,8 +123,7 @@ def plan_machine(args: argparse.Namespace, device: str) -> Any:
 
 
 def _bf16_with_budget(budget: int) -> Any:
-    from dataclasses import replace
-
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime.presets import PRESETS
 
     return replace(PRESETS["reference"], name="bf16", description="bf16 weights paged within the budget",
@@ -119,11 +132,9 @@ def _bf16_with_budget(budget: int) -> Any:
 
 def _plan_for_budget(config: Any, pp: Any, args: argparse.Namespace, device: str) -> tuple[Any, Any, str | None]:
     """bf16 paged within the budget; when bf16 cannot fit, the most precise paging preset that fits."""
-    from lite.errors import InputError
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime import planning
     from lite.runtime.presets import PRESETS
-    from offload.planner import BudgetError
-
     if device == "cpu":
         raise InputError("--budget is the GPU memory weights page through, and on a CPU nothing pages; give "
                          "--device cuda to plan for a GPU, or --ram 8GB to plan for a host with that much memory")
@@ -149,7 +160,7 @@ def _task_size(args: argparse.Namespace) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lite.errors import InputError
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.runtime import planning
     from lite.runtime.presets import get_preset
 
@@ -223,6 +234,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.prequantized_save import save_quantized_checkpoint
     from lite.runtime.presets import get_preset
 
@@ -237,8 +249,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lite.runtime.metadata import format_metadata, read_metadata
-
     meta = read_metadata(args.image)
     print(json.dumps(meta, sort_keys=True) if args.json else format_metadata(meta))
     return 0
@@ -247,8 +257,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def check_new_folder(out: str, option: str, overwrite: bool | None = None) -> None:
     """A folder we are about to fill: new or empty (or --overwrite, where the command has it: not None),
     checked before any heavy import or work."""
-    from lite.errors import OutputError
-
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{option} {out} is a file; give a new folder")
@@ -261,6 +269,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     check_new_folder(args.out, "the folder", args.overwrite)
     import torch  # heavy: only once the folder is known to be usable
 
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.model.tiny import make_tiny
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -270,6 +279,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # heavy: torch is behind it, so only once the command runs (the CLI parses and sets threads first)
     from lite.cli.demo import run_demo
 
     run_demo(Path(args.out), quiet=args.quiet, overwrite=args.overwrite)

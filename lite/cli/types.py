@@ -9,6 +9,10 @@ import argparse
 import math
 import re
 
+from offload.errors import UserError
+
+from lite.validation import parse_bytes
+
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0; noise for seed+i stays in range
 DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda)(:[0-9]+)?")
 
@@ -63,9 +67,6 @@ def seed(text: str) -> int | str:
 
 def size(text: str) -> int:
     """'4GB', '512MB', '100B' (lite.validation.parse_bytes): a bare number is refused as ambiguous."""
-    from lite.validation import parse_bytes
-    from offload.errors import UserError
-
     try:
         return parse_bytes(text)
     except (UserError, ValueError) as exc:

@@ -11,7 +11,7 @@ math-path SDPA, the VAE's full-resolution feature maps).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -207,8 +207,6 @@ def resize_units(units: list[Unit], model: nn.Module, module_bytes: dict[str, in
     """
     if module_bytes is None:
         return units
-    from dataclasses import replace
-
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for u in units:

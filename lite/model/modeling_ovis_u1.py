@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quant.backends.bnb import quiet_import_logs
+
 from lite.model.architecture import OVIS_U1, Architecture
 from lite.model.config import OvisU1Config
 from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer, indicator_rows
@@ -23,6 +25,7 @@ from lite.model.modeling_yak import YakTransformer
 class VisualGenerator(nn.Module):
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
+        quiet_import_logs()  # diffusers imports bitsandbytes, which would log a warning nothing here needs
         # diffusers takes seconds to import: only when a model is built, never for planning or `--help`.
         from diffusers import AutoencoderKL
 

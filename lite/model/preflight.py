@@ -17,15 +17,17 @@ from lite.model.skeleton import skeleton_model
 from lite.model.tokenizer import check_tokenizer_files
 
 
-def check_checkpoint_files(directory: Path) -> tuple[OvisU1Config, PreprocessorConfig]:
+def check_checkpoint_files(directory: Path,
+                           kind: CheckpointKind | None = None) -> tuple[OvisU1Config, PreprocessorConfig]:
     """(config, preprocessor config) once every file check passed; raises the first failure's one-line error.
 
     A pre-quantized checkpoint's shards are checked against its manifest by its own loader, which also
-    reads nothing before that check; its configs and tokenizer are checked here like any other.
+    reads nothing before that check; its configs and tokenizer are checked here like any other. `kind` is the
+    caller's decision (`checkpoint_kind`), decided here when not given.
     """
     config = load_config(directory)
     pp = load_preprocessor_config(directory, config.vision)
     check_tokenizer_files(directory)
-    if checkpoint_kind(directory) is CheckpointKind.PLAIN:
+    if (kind or checkpoint_kind(directory)) is CheckpointKind.PLAIN:
         validate_checkpoint(skeleton_model(config), index_checkpoint(directory))
     return config, pp

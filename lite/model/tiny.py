@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from lite.model.config import parse_config
 from lite.model.architecture import OVIS_U1
@@ -63,8 +64,6 @@ def tiny_config_dict(vocab_size: int = TINY_LLM_VOCAB, bos_id: int = 0, eos_id: 
 
 def train_byte_bpe() -> tuple[dict[str, int], list[str]]:
     """A byte-level BPE trained offline in milliseconds: (vocab, merges) without special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

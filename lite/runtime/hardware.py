@@ -16,8 +16,10 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping
+
+import psutil
 
 if TYPE_CHECKING:
     import torch
@@ -204,10 +206,8 @@ def physical_cores() -> int:
     """Physical cores this process may run on (psutil, then os.cpu_count; capped by the affinity mask)."""
     n: int | None = None
     try:
-        import psutil
-
         n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil missing or unable to read the topology
+    except Exception:  # psutil unable to read the topology
         n = None
     n = n or os.cpu_count() or 1
     affinity = getattr(os, "sched_getaffinity", None)
@@ -221,7 +221,7 @@ def physical_cores() -> int:
 
 def detect() -> CpuFeatures:
     """This CPU's features (bandwidth is measured separately by `memory_bandwidth`); the CPU plan reads it once."""
-    import torch
+    import torch  # waits: early_environment() runs before torch (the module's note)
 
     arch = platform.machine() or "unknown"
     capability = torch.backends.cpu.get_cpu_capability()
@@ -243,7 +243,7 @@ def detect() -> CpuFeatures:
 
 def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     """Copy bandwidth in GB/s (bytes read + written), best of `repeats` copies of `nbytes` (measured per call)."""
-    import torch
+    import torch  # waits: early_environment() runs before torch (the module's note)
 
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
@@ -264,8 +264,6 @@ def detect_from_text(cpuinfo: str, capability: str = "AVX512", onednn_max_isa: s
 
 
 def with_bandwidth(features: CpuFeatures | None = None) -> CpuFeatures:
-    from dataclasses import replace
-
     f = features or detect()
     return replace(f, bandwidth_gbs=memory_bandwidth())
 
@@ -286,7 +284,7 @@ def native_bf16(features: CpuFeatures, onednn: bool | None = None) -> bool:
 
 def cpu_compute_dtype(features: CpuFeatures, onednn: bool | None = None) -> tuple[torch.dtype, str]:
     """(compute dtype, the reason in words) for the CPU path; bf16 only where it is native (`native_bf16`)."""
-    import torch
+    import torch  # waits: early_environment() runs before torch (the module's note)
 
     listed = native_bf16(features)
     if not native_bf16(features, onednn):

@@ -73,7 +73,7 @@ class ImageTasks:
         stats.add_phase("conditions", time.perf_counter() - t0)
         return out
 
-    # -- denoise and decode -----------------------------------------------------------------------------------
+    # -- generate, edit, denoise, decode --------------------------------------------------------------
 
     def timesteps(self, steps: int, n_tokens: int, spacing: str = "linear") -> list[float]:
         return flow_timesteps(self.model.config.yak, steps, n_tokens, spacing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 GiB = 1 << 30
@@ -33,8 +34,6 @@ def detect_machine(device: torch.device, vram: int | None = None, ram: int | Non
 
     `vram`/`ram` pretend to be another machine (`--vram 6GB` on a CPU-only box plans for a 6 GB GPU).
     """
-    import psutil
-
     host = ram if ram is not None else int(psutil.virtual_memory().available)
     if vram is not None:
         kind = device.type if device.type in ("cuda", "mps") else "cuda"

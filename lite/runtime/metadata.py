@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lite.version import __version__
 from lite.errors import InputError
+from lite.model.images import _open_regular
 
 METADATA_KEY = "ovis-lite"
 PARAMETERS_KEY = "parameters"  # the chunk A1111, ComfyUI and image viewers read
@@ -125,8 +126,6 @@ _XMP_FIELD = re.compile(r"<ovislite:metadata>(.*?)</ovislite:metadata>", re.DOTA
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ovis-lite metadata of an image written by `save_image` (PNG, JPEG or WebP)."""
-    from lite.model.images import _open_regular
-
     path = Path(path)
     fd = _open_regular(path)
     try:

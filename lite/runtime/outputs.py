@@ -21,6 +21,7 @@ import errno
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,5 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], overwrite: bool
     data, notice = encode_image(image, IMAGE_SUFFIXES[path.suffix.lower()], metadata)
     write_bytes(path, data, overwrite)
     if notice:
-        import sys
-
         print(notice, file=sys.stderr)
     return path

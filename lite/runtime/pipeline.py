@@ -38,6 +38,7 @@ from lite.runtime.cpu.probes import this_machine_plan
 from lite.runtime.decode import Sampling
 from lite.runtime.host_pages import PhasePageRelease
 from lite.runtime.devices import dtype_label
+from lite.runtime.hardware import detect
 from lite.runtime.image_tasks import ImageTasks
 from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
@@ -241,8 +242,6 @@ class OvisPipeline(ImageTasks):
         stats.cache.update(self.caches.stats())
         stats.settings.setdefault("dtype", dtype_label(self.dtype))
         if self.device.type == "cpu":
-            from lite.runtime.hardware import detect
-
             plan = {"cpu_plan": self.cpu_hooks.plan_dict()} if self.cpu_hooks is not None else {}
             stats.machine = {**detect().to_dict(), "compute": self.compute_reason, **plan}
         self.last_run = stats

@@ -20,6 +20,8 @@ from lite.memory import format_bytes
 from lite.model.config import OvisU1Config, PreprocessorConfig
 from lite.model.host_plan import HostPlan, host_plan
 from lite.model.memory_profile import Workload, activation_bytes, ovis_units, resize_units
+from lite.model.sizes import module_bytes, quantized_bytes
+from lite.model.skeleton import skeleton_model
 from lite.runtime.machine import GiB, Machine
 from lite.runtime.presets import PRESETS, Preset
 
@@ -55,8 +57,6 @@ def plan_workload(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig
 
 def _meta_model(config: OvisU1Config) -> Any:
     """One meta skeleton per config object (building it is the slow part of planning)."""
-    from lite.model.skeleton import skeleton_model
-
     hit = _META_MODELS.get(id(config))
     if hit is None or hit[0] is not config:
         hit = _META_MODELS[id(config)] = (config, skeleton_model(config))
@@ -77,8 +77,6 @@ def preset_workload(preset: Preset, task: str, width: int, height: int, device_t
 
 def module_bytes_for(preset: Preset, model: Any, device_type: str) -> dict[str, int]:
     """Qualified module name -> bytes it owns once the preset's precision is applied."""
-    from lite.model.sizes import module_bytes
-
     key = (id(model), preset.precision.name, device_type)
     if key not in _MODULE_BYTES:
         _MODULE_BYTES[key] = module_bytes(model, preset.precision.policy(device_type))
@@ -167,8 +165,6 @@ def preset_table(config: OvisU1Config, pp: PreprocessorConfig, device_type: str 
 
 def host_bytes_needed(preset: Preset, config: OvisU1Config) -> int:
     """Host RAM to hold the weights in the preset's precision (offloaded weights live there), plus slack."""
-    from lite.model.sizes import quantized_bytes
-
     return int(quantized_bytes(config, preset.precision, "cpu")["total_bytes"] * 1.1) + 2 * GiB
 
 

@@ -40,8 +40,9 @@ def read_checkpoint(path: str | Path | None) -> tuple[Path, OvisU1Config, Prepro
     """(directory, model config, preprocessor config, kind), each read once, after every file check that needs
     no weight (`lite.model.preflight`: configs, tokenizer files, shard headers)."""
     directory = find_checkpoint(path)
-    config, pp = check_checkpoint_files(directory)
-    return directory, config, pp, checkpoint_kind(directory)
+    kind = checkpoint_kind(directory)
+    config, pp = check_checkpoint_files(directory, kind)
+    return directory, config, pp, kind
 
 
 def resolve(path: str | Path | None = None, device: str | torch.device = "auto",

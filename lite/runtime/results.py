@@ -44,7 +44,7 @@ class RunStats:
     machine: dict[str, Any] = field(default_factory=dict)  # on a CPU: its instruction sets and cores
     phases: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)  # understanding: prefix tokens reused; every task: caches' stats
+    cache: dict[str, Any] = field(default_factory=dict)  # prefix tokens reused (understanding), the caches' stats
 
     def add_phase(self, name: str, seconds: float) -> None:
         self.phases[name] = self.phases.get(name, 0.0) + seconds

@@ -19,6 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from offload.errors import UserError
+
 from lite.server.bodies import edit_form, json_body
 from lite.server.errors import ApiError
 from lite.server.guard import Guard, api_error, disconnected, http_error, user_error
@@ -210,8 +212,6 @@ def create_app(pipe: Any, settings: ServerSettings) -> Starlette:
         Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
     ]
-    from offload.errors import UserError
-
     app = Starlette(routes=routes, exception_handlers={ApiError: api_error, UserError: user_error,
                                                        HTTPException: http_error, ClientDisconnect: disconnected})
     app.state.server = server

@@ -14,6 +14,11 @@ import socket
 import sys
 from typing import Any
 
+from offload.errors import UserError
+
+from lite.errors import InputError
+from lite.server.trust import Trust, normal_origin
+
 EXAMPLE = """example:
   ovis-lite serve --preset low --port 8000
   then open http://127.0.0.1:8000/ , or from another device: ssh -N -L 8000:127.0.0.1:8000 you@this-machine
@@ -78,9 +83,7 @@ def is_loopback(host: str) -> bool:
 
 def check_args(args: argparse.Namespace) -> Any:
     """Refuse bad options before anything loads; returns the Limits."""
-    from lite.errors import InputError
-    from lite.server.openai_schema import Limits
-    from lite.server.trust import normal_origin
+    from lite.server.openai_schema import Limits  # torch behind it: not before the options are checked
 
     if not is_loopback(args.host) and not args.api_key and not args.insecure:
         raise InputError(f"--host {args.host} is not a loopback address, so anyone who can reach this machine could "
@@ -111,8 +114,6 @@ def check_args(args: argparse.Namespace) -> Any:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    from lite.errors import InputError
-
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -127,14 +128,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load(args: argparse.Namespace) -> Any:
     """The CLI's own resolution (preset chosen for this machine, checked to fit) and loader."""
+    # lite.cli registers `serve` from this module: importing it here at import time would go round.
+    from lite.cli import types
     from lite.cli.runconfig import load_pipeline, resolve_run
 
     for name, default in (("json", False), ("vram", None), ("ram", None), ("threads", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
     if isinstance(args.vram, str) or isinstance(args.ram, str):
-        from lite.cli import types
-
         args.vram = types.size(args.vram) if isinstance(args.vram, str) else args.vram
         args.ram = types.size(args.ram) if isinstance(args.ram, str) else args.ram
     run = resolve_run(args, "t2i", 1024, 1024)
@@ -146,10 +147,9 @@ def run_serve(args: argparse.Namespace) -> int:
     """Check, bind, load, serve; SIGTERM/SIGINT cancel the running job and stop within a few seconds."""
     limits = check_args(args)
     sock = bind(args.host, args.port)  # a busy port is refused before the model loads
+    # uvicorn, and the app with torch behind it, only once the options passed and the port is bound.
     import uvicorn
-
     from lite.server.app import ServerSettings, create_app
-    from lite.server.trust import Trust
 
     pipe = load(args)
     trust = Trust.for_bind(args.host, args.allowed_host, args.cors_origin)
@@ -185,8 +185,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lite.server`: the serve command on its own (the CLI registers the same parser)."""
-    from offload.errors import UserError
-
     parser = argparse.ArgumentParser(prog="ovis-lite")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)

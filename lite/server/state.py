@@ -10,8 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+import torch
 from starlette.requests import ClientDisconnect, Request
 
+from offload.errors import UserError
+
+from lite.errors import Cancelled
 from lite.server.errors import ApiError
 from lite.server.jobs import Job, JobQueue, QueueFull, ShuttingDown
 from lite.server.metrics import Metrics
@@ -82,12 +86,6 @@ def submit(server: Server, job: Job) -> Job:
 
 def job_error(server: Server, exc: BaseException) -> ApiError:
     """A failed job's exception as the client sees it (real bugs are re-raised: a logged 500)."""
-    import torch
-
-    from offload.errors import UserError
-
-    from lite.errors import Cancelled
-
     if isinstance(exc, ShuttingDown) or (isinstance(exc, Cancelled) and server.queue.closed):
         return ApiError("the server is shutting down; the job was cancelled", status=503, type="server_error",
                         code="shutting_down")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from lite.errors import Cancelled
+from lite.model.processing import understanding_prompt
 from lite.runtime import outputs
 from lite.server.jobs import Job
 from lite.server.openai_schema import ChatRequest, ImageRequest
@@ -120,7 +121,5 @@ def _count_tokens(pipe: Any, text: str) -> int:
 
 def _prompt_tokens(pipe: Any, req: ChatRequest) -> int:
     """Tokens of the template text (each image counted as its one placeholder, as before expansion)."""
-    from lite.model.processing import understanding_prompt
-
     earlier = sum(t.num_images for t in req.history)
     return _count_tokens(pipe, understanding_prompt(req.question, len(req.images) - earlier, req.history or None))

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-RESOLVERS = (("lite.model.checkpoint", "find_checkpoint"), ("lite.model.config", "load_config"),
+RESOLVERS = (("lite.model.checkpoint", "find_checkpoint"), ("lite.model.checkpoint", "checkpoint_kind"),
+             ("lite.model.config", "load_config"),
              ("lite.runtime.devices", "resolve_device"), ("lite.runtime.devices", "resolve_dtype"),
              ("lite.runtime.presets", "get_preset"))
 
@@ -51,7 +52,8 @@ def test_the_cli_generate_path_resolves_each_setting_once(calls, tiny_dir, tmp_p
     assert code == 0, capsys.readouterr().err
     assert out.exists() and json.loads(capsys.readouterr().out)["output"] == str(out)
     assert {name: calls[name] for _, name in RESOLVERS} == {
-        "find_checkpoint": 1, "load_config": 1, "resolve_device": 1, "resolve_dtype": 1, "get_preset": 1}
+        "find_checkpoint": 1, "checkpoint_kind": 1, "load_config": 1, "resolve_device": 1, "resolve_dtype": 1,
+        "get_preset": 1}
 
 
 def test_the_api_resolves_once_and_takes_the_same_load(calls, tiny_dir, monkeypatch):

@@ -14,7 +14,8 @@ from lite.runtime.results import AnswerStream, ImageResult, RunStats
 def test_an_answer_stream_finishes_its_stats_once_the_source_ends():
     finished: list[RunStats] = []
     stats = RunStats("understand")
-    stream = AnswerStream(iter(["a ", "red ", "fox"]), stats, lambda s: (finished.append(s), s.add_phase("answer", 1.5)))
+    stream = AnswerStream(iter(["a ", "red ", "fox"]), stats,
+                          lambda s: (finished.append(s), s.add_phase("answer", 1.5)))
     assert next(stream) == "a " and not stream.done and finished == []
     assert list(stream) == ["red ", "fox"]
     assert stream.done and finished == [stats] and stream.text == "a red fox" == str(stream.result)
