@@ -101,6 +101,7 @@ def main() -> None:
     with torch.no_grad():
         forward_last(llm, cache, inputs_embeds=llm.get_input_embeddings()(torch.tensor([ids])))
     snap = snapshot(cache, tuple(ids))
+    print(f"loaded and prefilled; tiny per-token ms {overhead}", file=sys.stderr, flush=True)
 
     rates: dict[str, dict[str, list[float]]] = {"as is": {}, "one core busy": {}}
     choices: dict[str, list[str]] = {"as is": [], "one core busy": []}
@@ -117,6 +118,8 @@ def main() -> None:
                                        ("policy", chosen)):
                     rates[condition].setdefault(label, []).append(decode_rate(llm, snap, len(ids), args.new_tokens,
                                                                                threads))
+                    print(f"{condition}, {label}: {rates[condition][label][-1]:.2f} tok/s ({reason})",
+                          file=sys.stderr, flush=True)
             finally:
                 if busy is not None:
                     busy.kill()
