@@ -26,9 +26,11 @@ KERNEL_DTYPE = torch.bfloat16
 
 def _packed_kernel_ok(x: torch.Tensor, qweight: torch.Tensor, in_features: int) -> bool:
     """Whether `torch._weight_int8pack_mm` can take this call: CPU, few rows, a 16-byte aligned weight
-    (the kernel crashes on an 8- but not 16-byte aligned one, torch 2.13)."""
+    whose rows are a multiple of 16 bytes (torch 2.13's kernel crashes on an 8- but not 16-byte aligned
+    weight, and segfaults on in_features 40, 72, 100 or 136 while 16, 48, 64, 80 and 2048 run)."""
     return (x.device.type == "cpu" and qweight.device.type == "cpu" and x.is_floating_point()
             and x.numel() <= KERNEL_MAX_ROWS * in_features and qweight.data_ptr() % 16 == 0
+            and in_features % 16 == 0
             and qweight.is_contiguous() and hasattr(torch, "_weight_int8pack_mm"))
 
 

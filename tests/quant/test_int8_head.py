@@ -66,3 +66,16 @@ def test_cpu_preset_ties_an_int8_head_to_an_int8_embedding(tiny_dir) -> None:
     assert head.qweight is emb.qweight and head.scale is emb.scale  # zero extra bytes
     hidden = torch.randn(1, 1, emb.embedding_dim, generator=torch.Generator().manual_seed(2)).to(head.compute_dtype)
     assert "aten::_weight_int8pack_mm" in _kernels(lambda: head(hidden))
+
+
+@pytest.mark.parametrize("in_features", [16, 40, 72, 100, 136, 2048])
+def test_int8_linear_any_width_matches_the_dequantized_formula(in_features: int) -> None:
+    """torch 2.13's packed int8 kernel segfaults on some widths (40, 72, 100, 136): those take the portable path."""
+    g = torch.Generator().manual_seed(in_features)
+    w = torch.randn(48, in_features, generator=g)
+    layer = Int8Linear.from_weight(w, None, compute_dtype=torch.float32)
+    x = torch.randn(3, in_features, generator=g)
+    expected = x @ (layer.qweight.float() * layer.scale.float()[:, None]).T
+    got = layer(x)
+    assert got.shape == expected.shape  # the kernel path rounds x to bf16: a relative bound
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
