@@ -212,7 +212,7 @@ def _function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
 #: Libraries kept off the start-up path (`python -X importtime`): torch takes seconds, and the CLI parses and sets
 #: the thread environment before it; transformers and diffusers take seconds; bitsandbytes and optimum-quanto pull
 #: in torch._dynamo; huggingface_hub's snapshot_download and uvicorn/fastapi (`serve` only) take a tenth of a
-#: second or more; PIL and numpy are what `--help` must not import either (tests/test_cli_help.py). psutil,
+#: second or more; PIL and numpy are what `--help` must not import either (tests/cli/test_cli_help.py). psutil,
 #: tokenizers and safetensors take milliseconds: they are imported where they are used.
 HEAVY_LIBRARIES = frozenset({"torch", "transformers", "diffusers", "bitsandbytes", "optimum", "huggingface_hub",
                              "uvicorn", "fastapi", "PIL", "numpy"})

@@ -197,7 +197,7 @@ def _llm_config(s: Section) -> dict[str, Any]:
 
 
 # The activation names transformers' ACT2FN (the LLM) and diffusers' ACT2CLS (the VAE) accept, spelled out so
-# that parsing a config imports neither library (tests/test_skeleton.py checks both lists against them).
+# that parsing a config imports neither library (tests/model/test_skeleton.py checks both lists against them).
 LLM_ACTIVATIONS = ("gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
                    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu",
                    "relu2", "relu6", "sigmoid", "silu", "swish", "tanh")

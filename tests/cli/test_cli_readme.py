@@ -3,7 +3,7 @@
 The commands are read from the README's ```bash blocks, in order, in one folder (so `info fox.png` reads
 the image an earlier line wrote). Only what a tiny machine needs is substituted: the tiny checkpoint for
 the model, 64 px sides, one step, a few tokens; `plan`, `presets` and `inspect` use the shipped config.
-`ovis-lite demo` (in the install line) is run by tests/test_cli.py::test_demo_runs_all_three_tasks.
+`ovis-lite demo` (in the install line) is run by tests/cli/test_cli.py::test_demo_runs_all_three_tasks.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 
 from lite.cli.main import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 TASKS = ("ask", "chat", "generate", "edit")
 
 

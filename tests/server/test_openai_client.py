@@ -22,7 +22,7 @@ KEY = "test-key-123"
 
 
 def keyed_server(tiny_dir: Path) -> ServerProcess:
-    """The tiny model behind an API key; tests/test_browser.py uses the same process."""
+    """The tiny model behind an API key; tests/server/test_browser.py uses the same process."""
     return shared_server("--model", str(tiny_dir), "--device", "cpu", "--api-key", KEY)
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from lite.server.launch import REPO, ServerProcess
-from tests.test_openai_client import KEY, keyed_server
+from tests.server.test_openai_client import KEY, keyed_server
 
 CHROMIUM = os.environ.get("OVIS_LITE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 PHONE = {"width": 412, "height": 915}  # a phone-width viewport

@@ -15,7 +15,7 @@ from PIL import Image
 from lite.cli.main import main
 from offload.errors import UserError
 
-from .conftest import REAL_CONFIG
+from tests.conftest import REAL_CONFIG
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

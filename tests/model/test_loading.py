@@ -36,7 +36,7 @@ def test_tiny_layout(tiny_dir):
         assert (tiny_dir / name).exists(), name
     assert "llm.lm_head.weight" not in index["weight_map"]
     cfg = json.loads((tiny_dir / "config.json").read_text())
-    real = json.loads((Path(__file__).resolve().parents[1] / "lite/data/config.json").read_text())
+    real = json.loads((Path(__file__).resolve().parents[2] / "lite/data/config.json").read_text())
     assert set(cfg) == set(real) and set(cfg["visual_generator_config"]) == set(real["visual_generator_config"])
 
 

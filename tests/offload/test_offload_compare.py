@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 from lite.model.config import YakConfig  # noqa: E402
 from offload.tensors import is_placeholder  # noqa: E402
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench_offload_compare.py"
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "bench_offload_compare.py"
 _spec = importlib.util.spec_from_file_location("bench_offload_compare", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench  # its dataclasses look their module up

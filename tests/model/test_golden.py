@@ -15,7 +15,7 @@ from lite.model.modeling_yak import rope_table, timestep_embedding, timestep_fre
 from lite.model.processing import preprocess_image, smart_resize
 from lite.sampling import reference_schedule
 
-from .conftest import GOLDEN
+from tests.conftest import GOLDEN
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

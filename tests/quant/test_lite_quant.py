@@ -267,7 +267,7 @@ def test_prequantized_load_peak_host_ram_is_below_bf16(small_dir, saved):
     model), against the bf16 bytes of the same model."""
     out, _ = saved
     res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(out), str(small_dir)], capture_output=True,
-                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["delta"] < got["bf16"], got

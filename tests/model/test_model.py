@@ -18,7 +18,7 @@ from lite.model.modeling_yak import apply_rope, rope_table, timestep_embedding
 from lite.model.processing import edit_output_size, generation_vision_input, patchify, preprocess_image, smart_resize
 from lite.sampling import time_shift_mu
 
-from .conftest import REAL_CONFIG
+from tests.conftest import REAL_CONFIG
 
 
 # -- sizes (spec §3.1, §4, §5) -------------------------------------------------------------------

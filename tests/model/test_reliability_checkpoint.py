@@ -293,7 +293,7 @@ def test_config_files_that_cannot_be_read(tmp_path):
 ])
 def test_invalid_preprocessor_config_is_one_line(tmp_path, change, fragment):
     path = tmp_path / "preprocessor_config.json"
-    data = json.loads((Path(__file__).parents[1] / "lite" / "data" / "preprocessor_config.json").read_text())
+    data = json.loads((Path(__file__).parents[2] / "lite" / "data" / "preprocessor_config.json").read_text())
     path.write_text(json.dumps({**data, **change}))
     msg = _raises(ConfigError, load_preprocessor_config, tmp_path)
     assert msg.startswith(f"{path}: ") and fragment in msg
@@ -302,7 +302,7 @@ def test_invalid_preprocessor_config_is_one_line(tmp_path, change, fragment):
 
 
 def test_preprocessor_must_match_the_models_vit(tmp_path):
-    data = json.loads((Path(__file__).parents[1] / "lite" / "data" / "preprocessor_config.json").read_text())
+    data = json.loads((Path(__file__).parents[2] / "lite" / "data" / "preprocessor_config.json").read_text())
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({**data, "patch_size": 16}))
     vision = parse_config(tiny_config_dict()).vision
     msg = _raises(ConfigError, load_preprocessor_config, tmp_path, vision)

@@ -14,7 +14,7 @@ from lite.runtime.planning import check_fits, choose_preset, plan_preset, preset
 from lite.runtime.presets import PRESETS
 from lite.validation import parse_bytes
 
-from .conftest import REAL_CONFIG
+from tests.conftest import REAL_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_the_readme_table_is_the_presets_table(real):
 
     from lite.runtime.planning import preset_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     found = re.search(r"<!-- presets:begin[^>]*-->\n(.*?)\n<!-- presets:end -->", readme, flags=re.S)
     assert found, "README lost its preset table markers"
     assert found.group(1) == preset_markdown(*real)

@@ -14,7 +14,7 @@ from torch import nn
 from lite.model.config import load_config, parse_config
 from lite.model.skeleton import skeleton_model
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def _real_dict() -> dict:

@@ -16,7 +16,7 @@ from lite.sampling import Guidance
 from lite.model.processing import T2I_PREFIX, UNCONDITIONAL_PROMPT, white_canvas
 from lite.sampling import reference_schedule
 
-from .conftest import GOLDEN
+from tests.conftest import GOLDEN
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
