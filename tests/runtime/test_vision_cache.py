@@ -31,16 +31,16 @@ def _count_vit_images(pipe, run) -> int:
 def test_edit_encodes_its_source_once_and_matches_the_uncached_image(pipe) -> None:
     src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     pipe.caches.clear()
-    out: list[Image.Image] = []
+    out: list = []
     encoded = _count_vit_images(pipe, lambda: out.append(pipe.edit(src, "make it red", steps=1, seed=3)))
     assert encoded == 2  # the source (cond and no_txt share it) and the white canvas (no_both): not 3
     pipe.caches.set_enabled(False)
     try:
-        plain: list[Image.Image] = []
+        plain: list = []
         assert _count_vit_images(pipe, lambda: plain.append(pipe.edit(src, "make it red", steps=1, seed=3))) == 3
     finally:
         pipe.caches.set_enabled(True)
-    assert np.array_equal(np.asarray(out[0]), np.asarray(plain[0]))
+    assert np.array_equal(np.asarray(out[0].image), np.asarray(plain[0].image))
 
 
 def test_a_chat_image_is_encoded_once_across_turns(pipe) -> None:
