@@ -23,14 +23,25 @@ TARGETS = {"ovis-lite presets": 1.5, "ovis-lite plan": 1.5, "ovis-lite info": 1.
            "ovis-lite ask (tiny)": 3.0}
 
 
-def commands(tiny: Path) -> dict[str, list[str]]:
+def tagged_png(path: Path) -> Path:
+    """A small PNG with an ovis-lite metadata chunk, for `info` to read."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("ovis-lite", json.dumps({"task": "t2i", "prompt": "a fox", "seed": 7, "steps": 8}))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def commands(tiny: Path, image: Path) -> dict[str, list[str]]:
     lite = [sys.executable, "-m", "lite"]
     return {
         "import torch": [sys.executable, "-c", "import torch"],
         "ovis-lite --help": [*lite, "--help"],
         "ovis-lite presets": [*lite, "presets"],
-        "ovis-lite plan": [*lite, "plan", "--task", "t2i", "--budget", "4GB"],
-        "ovis-lite info": [*lite, "info"],
+        "ovis-lite plan": [*lite, "plan", "--task", "t2i", "--ram", "8GB"],
+        "ovis-lite info": [*lite, "info", str(image)],
         "ovis-lite inspect": [*lite, "inspect"],
         "ovis-lite ask (tiny)": [*lite, "ask", "What is it?", "--model", str(tiny), "--device", "cpu",
                                  "--max-new-tokens", "4", "--quiet"],
@@ -47,7 +58,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         tiny = make_tiny(Path(work) / "tiny")
-        cmds = commands(tiny)
+        cmds = commands(tiny, tagged_png(Path(work) / "tagged.png"))
         times: dict[str, list[float]] = {k: [] for k in cmds}
         for _ in range(args.rounds):
             for name, cmd in cmds.items():
