@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lite.model.config import PreprocessorConfig, parse_config
-from lite.model.host_plan import RUNTIME_ANON_BYTES, RUNTIME_MAPPED_BYTES, host_plan
+from lite.model.host_plan import HOST_VAE_DECODE_FACTOR, RUNTIME_ANON_BYTES, RUNTIME_MAPPED_BYTES, host_plan
 from lite.model.memory_profile import Workload, activation_bytes
 from lite.model.precision import REFERENCE
 from lite.model.skeleton import skeleton_model
@@ -35,7 +35,8 @@ def test_bf16_weights_stored_in_bf16_are_mapped_and_each_phase_holds_its_own() -
     act = activation_bytes(config, pp, wl)
     decode = plan.phases["decode"]
     assert decode.mapped == RUNTIME_MAPPED_BYTES
-    assert decode.anon == RUNTIME_ANON_BYTES + plan.weights_anon + act["decode"]
+    assert decode.anon == RUNTIME_ANON_BYTES + plan.weights_anon + int(act["decode"] * HOST_VAE_DECODE_FACTOR)
+    assert HOST_VAE_DECODE_FACTOR > 1  # the measured CPU decode holds more than the six maps counted
     denoise = plan.phases["denoise"]
     assert denoise.mapped == RUNTIME_MAPPED_BYTES + _bytes(model.visual_generator.backbone)
     conditions = plan.phases["conditions"].mapped - RUNTIME_MAPPED_BYTES
