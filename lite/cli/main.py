@@ -22,7 +22,7 @@ from offload.errors import UserError
 from lite.cli.parser import EXIT_USAGE, build_parser
 from lite.cli.report import user_error_line
 from lite.runtime.cpu.threads import early_environment
-from lite.server.command import run_serve
+from lite.cli.serve import run_serve
 
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_PIPE = 130, 143, 141
 

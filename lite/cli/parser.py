@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from lite import __version__
 from lite.cli import types
-from lite.server.command import add_serve_parser
+from lite.cli.serve import add_serve_parser
 
 EXIT_USAGE = 2
 PRESET_NAMES_MARK = "{presets}"

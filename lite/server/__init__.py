@@ -1,5 +1,4 @@
-"""`ovis-lite serve`: one resident model behind a local OpenAI-compatible HTTP API and a web page."""
+"""`ovis-lite serve`: one resident model behind a local OpenAI-compatible HTTP API and a web page.
 
-from lite.server.command import add_serve_parser, run_serve
-
-__all__ = ["add_serve_parser", "run_serve"]
+The `serve` command itself (options, checks, loading) is the CLI's: `lite/cli/serve.py`.
+"""

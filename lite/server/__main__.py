@@ -2,6 +2,6 @@
 
 import sys
 
-from lite.server.command import main
+from lite.cli.serve import main
 
 sys.exit(main())

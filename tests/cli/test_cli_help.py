@@ -37,7 +37,7 @@ def test_bare_command_prints_the_commands(capsys):
         assert command in err
 
 
-# `serve` is the server's parser (lite/server/command.py); its own help is checked below.
+# `serve` is the CLI's serve parser (lite/cli/serve.py); its own help is checked below.
 @pytest.mark.parametrize("name", sorted(set(_subcommands()) - {"serve"}))
 def test_every_option_shows_its_default_and_there_are_examples(name):
     sub = _subcommands()[name]

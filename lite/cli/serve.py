@@ -16,6 +16,8 @@ from typing import Any
 
 from offload.errors import UserError
 
+from lite.cli import types
+from lite.cli.runconfig import load_pipeline, resolve_run
 from lite.errors import InputError
 from lite.server.trust import Trust, normal_origin
 
@@ -128,9 +130,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load(args: argparse.Namespace) -> Any:
     """The CLI's own resolution (preset chosen for this machine, checked to fit) and loader."""
-    # lite.cli registers `serve` from this module: importing it here at import time would go round.
-    from lite.cli import types
-    from lite.cli.runconfig import load_pipeline, resolve_run
 
     for name, default in (("json", False), ("vram", None), ("ram", None), ("threads", None)):
         if not hasattr(args, name):
