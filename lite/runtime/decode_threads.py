@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 MIN_WINDOW_S = 0.1  # a window shorter than this is topped up by sleeping (the clock ticks at 100 Hz)
 FREE_SHARE = 0.7  # a core counts as free when others used at most 30% of it over the window
+#: Pins the decode threads (1..the run's threads) instead of reading the cores. The thread count can change a
+#: reduction's rounding, so a greedy answer whose top logits nearly tie can differ between 1 and 2 threads:
+#: reproducible runs (the test suite, bitwise comparisons) pin it.
+PIN_ENV = "OVIS_LITE_DECODE_THREADS"
 
 
 def _allowed_cpus() -> set[int]:
@@ -83,11 +87,21 @@ class CoreWindow:
 
     def decode_threads(self, limit: int) -> tuple[int, str]:
         """Threads for the decode that follows (1..`limit`) and the reading it was decided from."""
+        pinned = pinned_threads(limit)
+        if pinned is not None:
+            return pinned, f"pinned by ${PIN_ENV}: {pinned} decode thread(s)"
         others = self.others_busy_cores()
         if others is None:
             return limit, "no core reading: all threads"
         threads = choose_threads(len(self.cpus), others, limit)
         return threads, f"others used {others:.2f} of {len(self.cpus)} cores: {threads} decode thread(s)"
+
+
+def pinned_threads(limit: int) -> int | None:
+    """The decode threads `$OVIS_LITE_DECODE_THREADS` pins, within 1..`limit`; None when it is unset or not a
+    whole number."""
+    text = os.environ.get(PIN_ENV, "").strip()
+    return max(1, min(limit, int(text))) if text.isdigit() else None
 
 
 def choose_threads(cores: int, others_busy: float, limit: int) -> int:

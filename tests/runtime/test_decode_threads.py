@@ -34,3 +34,18 @@ def test_busy_ticks_of_the_allowed_cpus_only(tmp_path: Path) -> None:
 ])
 def test_one_thread_per_core_left_free(cores: int, others: float, limit: int, expected: int) -> None:
     assert choose_threads(cores, others, limit) == expected
+
+
+def test_the_environment_pins_the_decode_threads(monkeypatch) -> None:
+    from lite.runtime.decode_threads import PIN_ENV, pinned_threads
+
+    monkeypatch.setenv(PIN_ENV, "1")
+    assert pinned_threads(2) == 1
+    monkeypatch.setenv(PIN_ENV, "8")
+    assert pinned_threads(2) == 2  # never more than the run's threads
+    monkeypatch.setenv(PIN_ENV, "0")
+    assert pinned_threads(2) == 1
+    monkeypatch.setenv(PIN_ENV, "auto")
+    assert pinned_threads(2) is None
+    monkeypatch.delenv(PIN_ENV)
+    assert pinned_threads(2) is None
