@@ -13,6 +13,7 @@ Lowest layer (offload imports nothing of ours), so `quant/` and `lite/` can regi
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from torch import nn
@@ -165,3 +166,17 @@ def forward_is_overridden(module: nn.Module) -> bool:
 
 __all__ = ["COMPUTE", "KERNEL", "PAGING", "ROUTING", "HookRegistry", "ModuleHook", "add_hook",
            "forward_is_overridden", "get_hook", "hook_names", "hooked_modules", "remove_hook", "remove_hooks"]
+
+
+@dataclass
+class HookedLayers:
+    """The layers one call hooked under `name`, so `remove()` takes exactly those hooks off (and no other's)."""
+
+    name: str
+    layers: list[nn.Module] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            remove_hook(layer, self.name)
+        self.layers.clear()
+

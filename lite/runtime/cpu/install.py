@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from offload.registry import HookedLayers
+
 from lite.model.architecture import OVIS_U1
 from lite.runtime.cpu.compute import Fp32Compute, use_fp32_compute
 from lite.runtime.cpu.plan import CpuPlan
-from lite.runtime.cpu.prepack import PackedLinears, use_packed_linears
-from lite.runtime.cpu.row_gemv import RowGemv, use_row_gemv
+from lite.runtime.cpu.prepack import HOOK_NAME as PACKED_HOOK, use_packed_linears
+from lite.runtime.cpu.row_gemv import HOOK_NAME as ROW_GEMV_HOOK, use_row_gemv
 
 
 def runs_on_one_row(component: str, name: str) -> bool:
@@ -34,8 +36,8 @@ class CpuHooks:
     plan: CpuPlan
     compute_dtype: torch.dtype | None = None  # set when compute differs from the stored weights
     fp32: Fp32Compute | None = None
-    packed: PackedLinears = field(default_factory=PackedLinears)
-    row_gemv: RowGemv = field(default_factory=RowGemv)
+    packed: HookedLayers = field(default_factory=lambda: HookedLayers(PACKED_HOOK))
+    row_gemv: HookedLayers = field(default_factory=lambda: HookedLayers(ROW_GEMV_HOOK))
 
     @property
     def packed_layers(self) -> int:

@@ -20,14 +20,14 @@ layers it pages and puts it back afterwards (`offload/hooks.py`).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from offload.registry import KERNEL, ModuleHook, add_hook, forward_is_overridden, get_hook, hooked_modules, remove_hook
+from offload.registry import (KERNEL, HookedLayers, ModuleHook, add_hook, forward_is_overridden, get_hook,
+                              hooked_modules, remove_hook)
 
 PACKED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
 #: The name these hooks have in each layer's registry.
@@ -63,17 +63,6 @@ class PackedLinearHook(ModuleHook):
     def forward(self, module: nn.Module, inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return packed_forward(module, *args, **kwargs)  # type: ignore[arg-type]
 
-
-@dataclass
-class PackedLinears:
-    """The layers `use_packed_linears` packed, so `remove()` can put their plain weights back."""
-
-    layers: list[nn.Linear] = field(default_factory=list)
-
-    def remove(self) -> None:
-        for layer in self.layers:
-            remove_hook(layer, HOOK_NAME)
-        self.layers.clear()
 
 
 def unpack_linears(root: nn.Module) -> int:
@@ -113,7 +102,7 @@ def packable(module: nn.Module, mapped: list[tuple[int, int]]) -> bool:
 
 
 def use_packed_linears(root: nn.Module, skip: Callable[[str], bool] = lambda name: False,
-                       native: bool = True) -> PackedLinears:
+                       native: bool = True) -> HookedLayers:
     """Pack every plain CPU bf16 `nn.Linear` under `root` whose qualified name `skip` does not exclude.
 
     `native`: whether oneDNN's bf16 GEMM is native here (the CPU plan's `native_bf16`); nothing is packed
@@ -121,7 +110,7 @@ def use_packed_linears(root: nn.Module, skip: Callable[[str], bool] = lambda nam
     stay as they are: the shard's mapping keeps their pages resident while the packed copy would add as much
     again (0.62 GB for the full-size ViT: RSS 3.35 -> 3.97 GB). Weights the loader converted or copied (the
     Yak's, stored in fp32) are packed in place of themselves."""
-    state = PackedLinears()
+    state = HookedLayers(HOOK_NAME)
     if not native or not prepack_ops_available():
         return state
     mapped = file_backed_ranges()
@@ -132,5 +121,5 @@ def use_packed_linears(root: nn.Module, skip: Callable[[str], bool] = lambda nam
     return state
 
 
-__all__ = ["HOOK_NAME", "PACKED_DTYPES", "PackedLinearHook", "PackedLinears", "file_backed_ranges", "packable",
+__all__ = ["HOOK_NAME", "PACKED_DTYPES", "PackedLinearHook", "file_backed_ranges", "packable",
            "packed_forward", "prepack_ops_available", "unpack_linears", "use_packed_linears"]

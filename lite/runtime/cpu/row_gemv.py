@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offload.registry import ROUTING, ModuleHook, add_hook, forward_is_overridden, get_hook, remove_hook
+from offload.registry import ROUTING, HookedLayers, ModuleHook, add_hook, forward_is_overridden, get_hook
 
 #: Weight dtypes whose one-row calls may leave `F.linear` (where `measure_one_row_kernel` finds it faster).
 GEMV_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -101,19 +100,8 @@ class RowGemvHook(ModuleHook):
         return y.reshape(*x.shape[:-1], module.out_features)
 
 
-@dataclass
-class RowGemv:
-    """The layers `use_row_gemv` hooked, so `remove()` can take exactly those hooks off."""
 
-    layers: list[nn.Linear] = field(default_factory=list)
-
-    def remove(self) -> None:
-        for layer in self.layers:
-            remove_hook(layer, HOOK_NAME)
-        self.layers.clear()
-
-
-def use_row_gemv(root: nn.Module, kernel: str | None = None) -> RowGemv:
+def use_row_gemv(root: nn.Module, kernel: str | None = None) -> HookedLayers:
     """Route one-row calls of every plain bf16/fp16 `nn.Linear` under `root` through a matrix-vector kernel.
 
     `kernel`: one of `ONE_ROW_KERNELS` (the CPU plan's `one_row_kernel`); None measures it now. With "linear"
@@ -121,7 +109,7 @@ def use_row_gemv(root: nn.Module, kernel: str | None = None) -> RowGemv:
     """
     if kernel is not None and kernel not in ONE_ROW_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(ONE_ROW_KERNELS)}, not {kernel!r}")
-    state = RowGemv()
+    state = HookedLayers(HOOK_NAME)
     chosen: dict[torch.dtype, str] = {}  # this call's measurements, per weight dtype
     for module in root.modules():
         if (type(module) is nn.Linear and module.weight.dtype in GEMV_DTYPES and not forward_is_overridden(module)
@@ -136,5 +124,5 @@ def use_row_gemv(root: nn.Module, kernel: str | None = None) -> RowGemv:
     return state
 
 
-__all__ = ["GEMV_DTYPES", "HOOK_NAME", "ONE_ROW_KERNELS", "RowGemv", "RowGemvHook", "measure_one_row_kernel",
+__all__ = ["GEMV_DTYPES", "HOOK_NAME", "ONE_ROW_KERNELS", "RowGemvHook", "measure_one_row_kernel",
            "row_gemv_forward", "use_row_gemv"]
