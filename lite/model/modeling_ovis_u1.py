@@ -1,7 +1,7 @@
 """The top-level Ovis-U1 module: its `state_dict` names are the checkpoint's names.
 
     OvisU1
-    ├── llm                  transformers Qwen3ForCausalLM (lm_head tied to embed_tokens)
+    ├── llm                  Qwen3ForCausalLM (modeling_qwen3: transformers' computation; lm_head tied)
     ├── visual_tokenizer     AIMv2 backbone + softmax head          (modeling_aimv2)
     ├── vte                  visual embedding table [65536, 2048]
     └── visual_generator
@@ -36,13 +36,14 @@ class OvisU1(nn.Module):
 
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
-        # transformers' modeling code takes seconds to import: only when a model is built.
-        from transformers import Qwen3ForCausalLM
+        # transformers' config and cache modules (behind our Qwen3) take ~0.4 s to import: only when a model is built.
+        from lite.model.modeling_qwen3 import Qwen3ForCausalLM
 
         self.config = config
         self.llm = Qwen3ForCausalLM(config.qwen3_config())
         self.visual_tokenizer = VisualTokenizer(config.vision)
-        self.vte = VisualEmbedding(config.vision.vocab_size, config.hidden_size)
+        rows, dim = config.vision.vocab_size, config.hidden_size  # given its weight, an Embedding skips `normal_`,
+        self.vte = VisualEmbedding(rows, dim, _weight=torch.empty(rows, dim))  # which imports torch._dynamo on meta
         self.visual_generator = VisualGenerator(config)
 
     # -- understanding side -------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """A weightless stand-in for `OvisU1`, built on `meta` from config arithmetic alone.
 
 `presets`, `plan` and `inspect` only need module names, parameter shapes and which modules are
-Linear/Embedding. Building the real model for that imports transformers' Qwen3 modeling and diffusers
-(with bitsandbytes and torch._dynamo behind them): seconds of start-up for a table. The skeleton has the
+Linear/Embedding. Building the real model for that imports transformers' config and cache modules (our
+Qwen3, ~0.4 s) and builds every layer: start-up a table does not need. The skeleton has the
 same module tree, names, shapes, buffers and tied head as `OvisU1(config)` on meta (tested against it);
 the Yak, the visual tokenizer and the VAE's tree (`lite/model/deferred_vae.py`) are our own torch-only modules
 and are built as they are.
@@ -42,7 +42,7 @@ def _children(**modules: nn.Module) -> nn.Module:
     return parent
 
 
-# -- the LLM: transformers' Qwen3ForCausalLM ------------------------------------------------------
+# -- the LLM: Qwen3ForCausalLM (lite/model/modeling_qwen3.py) ------------------------------------------------------
 
 def _qwen3_layer(llm: dict[str, Any]) -> nn.Module:
     hidden, head_dim = int(llm["hidden_size"]), _head_dim(llm)
