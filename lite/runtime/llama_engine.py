@@ -56,6 +56,7 @@ class LlamaCppLLM:
     _lib: Any = field(repr=False)
     _model: Any = field(repr=False)
     _ctx: Any = field(default=None, repr=False)
+    kv_bytes_per_position: int = 0  # f16 K and V of every layer (llama.cpp's default cache type)
     n_ctx: int = 0
     held: tuple = ()  # the identity of each position in the KV, in order
     threads: tuple[int, int] = (0, 0)  # (decode, prefill) threads the context was last given
@@ -75,7 +76,10 @@ class LlamaCppLLM:
         if not model:
             raise CheckpointError(f"llama.cpp could not load {path}; delete it to convert the LLM again")
         n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-        return cls(path, gguf_format, llama_cpp.llama_model_n_embd(model), n_vocab, llama_cpp, model)
+        llm = config.qwen3_config()
+        per_position = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * 2
+        return cls(path, gguf_format, llama_cpp.llama_model_n_embd(model), n_vocab, llama_cpp, model,
+                   kv_bytes_per_position=per_position)
 
     # -- context and KV ---------------------------------------------------------------------------
 
@@ -98,8 +102,8 @@ class LlamaCppLLM:
         self._ctx, self.n_ctx = ctx, params.n_ctx
 
     def kv_bytes(self) -> int:
-        """Bytes of the context's KV (llama.cpp's f16 K and V for every layer and position)."""
-        return int(self._lib.llama_state_get_size(self._ctx)) if self._ctx is not None else 0
+        """Host bytes of the context's KV, allocated whole when the context is made."""
+        return self.n_ctx * self.kv_bytes_per_position if self._ctx is not None else 0
 
     def common_prefix(self, positions: tuple) -> int:
         n = 0

@@ -5,10 +5,10 @@ llama.cpp's `qwen3` architecture computes it as is. Only the LLM is exported: th
 embeddings our own code computes (text embeddings and visual tokens merged, `merge_multimodal`), so the
 GGUF's token table serves as the tied output head only.
 
-Export streams one tensor at a time from the safetensors shards into a BF16 GGUF (no float conversion of
-the stored bf16, no second copy in memory), then `llama_model_quantize` writes the asked format with
-llama.cpp's own rules (a Q4_0 model keeps its output matrix at Q6_K, as `llama-quantize` does), and the
-BF16 file is removed. Names follow llama.cpp's `convert_hf_to_gguf.py` for Qwen3 (no q/k permutation:
+Export streams one tensor at a time from the safetensors shards into a GGUF of the stored types (BF16 for
+the real checkpoint: no float conversion, no second copy in memory), then `llama_model_quantize` writes the
+asked format with llama.cpp's own rules (a Q4_0 model keeps its output matrix at Q6_K, as `llama-quantize`
+does), and the source file is removed. Names follow llama.cpp's `convert_hf_to_gguf.py` for Qwen3 (no q/k permutation:
 Qwen3's RoPE is the NEOX style).
 """
 
@@ -104,11 +104,23 @@ def gguf_path(directory: Path, fmt: str) -> Path:
 
 
 def _as_array(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's GGUF bytes: 1-D norms as F32 (llama.cpp's rule), 2-D weights as BF16 (their stored bits when
-    the checkpoint is bf16)."""
-    if tensor.ndim == 1:
+    """A tensor's GGUF bytes, its stored bits kept: 1-D norms as F32 (llama.cpp's rule), 2-D weights as stored
+    (BF16, F16 or F32; anything else as F32)."""
+    if tensor.ndim == 1 or tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return tensor.to(torch.float32).numpy()
-    return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return tensor.contiguous().numpy()
+
+
+def _tensor_info(shape: tuple[int, ...], dtype: str, gguf: Any) -> tuple[np.dtype, int, Any]:
+    """(numpy dtype, bytes, raw GGML type or None) of a tensor `_as_array` will write, from its header only."""
+    count = int(np.prod(shape))
+    if len(shape) == 1 or dtype not in ("BF16", "F16", "F32"):
+        return np.dtype(np.float32), 4 * count, None
+    if dtype == "BF16":
+        return np.dtype(np.uint16), 2 * count, gguf.GGMLQuantizationType.BF16
+    return (np.dtype(np.float16), 2 * count, None) if dtype == "F16" else (np.dtype(np.float32), 4 * count, None)
 
 
 def _vocabulary(directory: Path, vocab: int, gguf: Any) -> tuple[list[str], list[Any], list[str]]:
@@ -140,8 +152,9 @@ def llm_hparams(config: Any) -> dict[str, Any]:
     return d
 
 
-def write_bf16_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
-    """The LLM of the checkpoint in `directory` as a BF16 GGUF at `path`, one tensor in memory at a time."""
+def write_source_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
+    """The LLM of the checkpoint in `directory` as a GGUF at `path` in the types it is stored in (the
+    quantizer's source), one tensor in memory at a time."""
     import gguf  # optional (the llama.cpp engine's extra): only when a GGUF is written
 
     tied = bool(llm.get("tie_word_embeddings", True))
@@ -157,7 +170,6 @@ def write_bf16_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
     w.add_value_length(int(llm["head_dim"]))
     w.add_rope_freq_base(float(llm["rope_theta"]))
     w.add_layer_norm_rms_eps(float(llm["rms_norm_eps"]))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
     tokens, types, merges = _vocabulary(directory, int(llm["vocab_size"]), gguf)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -169,12 +181,10 @@ def write_bf16_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
 
     for name, target, shard in entries:  # headers first: shapes and types only (no tensor is read)
         with safe_open(shard, framework="pt") as fh:
-            shape = tuple(fh.get_slice(name).get_shape())
-        if len(shape) == 1:
-            w.add_tensor_info(target, shape, np.dtype(np.float32), 4 * shape[0])
-        else:
-            w.add_tensor_info(target, shape, np.dtype(np.uint16), 2 * int(np.prod(shape)),
-                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+            header = fh.get_slice(name)
+            shape, stored = tuple(header.get_shape()), header.get_dtype()
+        dtype, nbytes, raw = _tensor_info(shape, stored, gguf)
+        w.add_tensor_info(target, shape, dtype, nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -196,14 +206,13 @@ def export_llm(directory: Path, config: Any, fmt: str = DEFAULT_FORMAT, notify: 
     if notify is not None:
         notify(f"converting the LLM to a llama.cpp {fmt} GGUF once ({out}) ...")
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    bf16 = out.with_name(f".{out.name}.{os.getpid()}.bf16")
+    source = out.with_name(f".{out.name}.{os.getpid()}.source")
     try:
-        write_bf16_gguf(directory, llm, bf16 if fmt != "bf16" else partial)
-        if fmt != "bf16":
-            quantize(bf16, partial, fmt)
+        write_source_gguf(directory, llm, source)
+        quantize(source, partial, fmt)
         os.replace(partial, out)
     finally:
-        for tmp in (bf16, partial):
+        for tmp in (source, partial):
             tmp.unlink(missing_ok=True)
     return out
 

@@ -163,11 +163,13 @@ def _prompt_text(pipe, question: str, images: int, history=None) -> str:
 def test_follow_up_reuses_the_prefix_and_matches_a_fresh_engine(pipes, wide_dir, cache_home, monkeypatch):
     ours, peer = pipes
     img = _image(5)
+    peer.llm_engine.forget()
     first = str(peer.understand([img], "Describe it.", max_new_tokens=6))
+    first_prompt = peer.last_run.cache["prefill_tokens"]
     history = [Turn("Describe it.", first, num_images=1)]
     second = str(peer.understand([img], "And the colours?", max_new_tokens=6, history=history))
     cache = peer.last_run.cache
-    assert cache["prefix_tokens_reused"] > 0 and cache["prefill_tokens"] < cache["prefix_tokens_reused"]
+    assert cache["prefix_tokens_reused"] >= first_prompt - 1  # the whole first prompt, image included
     from lite.runtime.pipeline import OvisPipeline
 
     monkeypatch.setenv("OVIS_LITE_CACHE", str(cache_home))
@@ -193,3 +195,24 @@ def test_q4_0_export_is_smaller_and_close(pipes, wide_dir, cache_home, monkeypat
     got = q4.prefill(embeds, tuple(range(9)), 0, 4)[0][0]
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95
     q4.close()
+
+
+@needs_llama
+def test_server_chat_runs_on_the_engine_and_reuses_the_prefix(pipes):
+    """`/v1/chat/completions` on a pipeline with the llama.cpp engine: a conversation resent with one more turn
+    prefills only what is new, and `/health` names the engine."""
+    testclient = pytest.importorskip("starlette.testclient")
+    from lite.server.app import ServerSettings, create_app
+
+    _, peer = pipes
+    peer.llm_engine.forget()
+    messages = [{"role": "user", "content": "Say something."}]
+    with testclient.TestClient(create_app(peer, ServerSettings()), base_url="http://127.0.0.1") as client:
+        assert client.get("/health").json()["llm_engine"] == "llama.cpp:f32"
+        first = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
+        assert first.status_code == 200, first.text
+        reply = first.json()["choices"][0]["message"]["content"]
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        second = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
+        assert second.status_code == 200, second.text
+    assert peer.last_run.cache["prefix_tokens_reused"] > 0
