@@ -17,7 +17,6 @@ common prefix (`llama_memory_seq_rm` drops the rest) and prefills only what foll
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,9 @@ import torch
 
 from lite.errors import CheckpointError, InputError
 from lite.runtime.engine_choice import MISSING
-from lite.runtime.llama_gguf import export_llm
+from lite.runtime.llama_gguf import export_llm, quiet_logs
 
 CHUNK = 512  # positions per llama_decode call in a prefill (llama.cpp's default micro-batch)
-
-
-_LOG_LOCK = threading.Lock()
-_QUIET: Any = None  # the C callback that drops llama.cpp's log lines (kept alive for the process)
-
-
-def _quiet_logs(llama_cpp: Any) -> None:
-    global _QUIET
-    with _LOG_LOCK:
-        if _QUIET is None:
-            _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
-            llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
-            llama_cpp.llama_backend_init()
 
 
 @dataclass
@@ -68,7 +54,7 @@ class LlamaCppLLM:
             import llama_cpp  # optional, and it loads a native library: only when the engine is chosen
         except ImportError as exc:
             raise InputError(MISSING) from exc
-        _quiet_logs(llama_cpp)
+        quiet_logs(llama_cpp)
         path = export_llm(directory, config, gguf_format, notify)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0

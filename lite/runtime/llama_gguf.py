@@ -14,9 +14,11 @@ Qwen3's RoPE is the NEOX style).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +219,25 @@ def export_llm(directory: Path, config: Any, fmt: str = DEFAULT_FORMAT, notify: 
     return out
 
 
+_LOG_LOCK = threading.Lock()
+_QUIET: Any = None  # the C callback that drops llama.cpp's log lines (kept alive for the process)
+
+
+def quiet_logs(llama_cpp: Any) -> None:
+    """llama.cpp's own log lines off (our notices and load report say what matters), its backend ready."""
+    global _QUIET
+    with _LOG_LOCK:
+        if _QUIET is None:
+            _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+            llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+            llama_cpp.llama_backend_init()
+
+
 def quantize(source: Path, target: Path, fmt: str, threads: int | None = None) -> None:
     """llama.cpp's own quantizer (`llama_model_quantize`), `source` GGUF -> `target` in `fmt`."""
     import llama_cpp  # optional, and it loads a native library: only when a GGUF is quantized
 
+    quiet_logs(llama_cpp)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FORMATS[fmt]
     params.nthread = threads or (os.cpu_count() or 1)

@@ -174,7 +174,7 @@ class LlamaCppRun:
     def feed_for(self, threads: int | None) -> Callable[[int], torch.Tensor]:
         if threads is not None:
             self.engine.set_threads(threads, torch.get_num_threads())
-        device = self.embed.weight.device
+        device = self.prompt.embeds.device
         return lambda token: self.engine.step(self.embed(torch.tensor([token], device=device))[0], token)
 
     def keep(self, positions: PositionKey) -> None:
