@@ -13,7 +13,8 @@ under the heavy lock, one task per call if need be.
 `--vae-decode`: diffusers' plain `vae.decode` against `lite.runtime.lean_vae.lean_decode` on the full-size fp32
 VAE (random weights) at each `--sides` side, in one process: the peak RSS each adds over what was resident
 before it (VmHWM, reset through /proc/self/clear_refs), in full-resolution 128-channel maps, its seconds, and
-whether the two images are bitwise equal.
+whether the two images are bitwise equal; then the plain `vae.encode` of a random image of that side (an
+edit's source), which runs as diffusers has it.
 
 `--runtime`: the RSS of the interpreter with the runtime imported, no weight (the plan's RUNTIME_* bytes).
 
@@ -214,10 +215,15 @@ def vae_decode_rows(sides: list[int]) -> list[dict]:
             plain, plain_s, plain_peak = _peak_over_resident(lambda: vae.decode(z).sample)
             trim_host_heap()
             lean, lean_s, lean_peak = _peak_over_resident(lambda: lean_decode(vae, z))
+            trim_host_heap()
+            pixels = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1
+            _, encode_s, encode_peak = _peak_over_resident(lambda: vae.encode(pixels).latent_dist.mean)
         rows.append({"what": f"VAE decode fp32 {side}x{side}", "bitwise_equal": bool(torch.equal(plain, lean)),
                      "plain_peak_bytes": plain_peak, "lean_peak_bytes": lean_peak, "full_map_bytes": full_map,
                      "plain_maps": round(plain_peak / full_map, 2), "lean_maps": round(lean_peak / full_map, 2),
-                     "plain_seconds": round(plain_s, 1), "lean_seconds": round(lean_s, 1)})
+                     "plain_seconds": round(plain_s, 1), "lean_seconds": round(lean_s, 1),
+                     "encode_peak_bytes": encode_peak, "encode_maps": round(encode_peak / full_map, 2),
+                     "encode_seconds": round(encode_s, 1)})
         del plain, lean
         trim_host_heap()
     return rows
@@ -226,7 +232,8 @@ def vae_decode_rows(sides: list[int]) -> list[dict]:
 def _vae_line(r: dict) -> str:
     return (f"{r['what']}: plain peak {r['plain_peak_bytes'] / GiB:.2f} GiB ({r['plain_maps']} maps, "
             f"{r['plain_seconds']} s), lean {r['lean_peak_bytes'] / GiB:.2f} GiB ({r['lean_maps']} maps, "
-            f"{r['lean_seconds']} s), bitwise equal: {r['bitwise_equal']}")
+            f"{r['lean_seconds']} s), bitwise equal: {r['bitwise_equal']}; plain encode "
+            f"{r['encode_peak_bytes'] / GiB:.2f} GiB ({r['encode_maps']} maps, {r['encode_seconds']} s)")
 
 
 def _task_line(r: dict) -> str:

@@ -15,8 +15,9 @@ This runs the same modules, with the same kernels, on the same values, and only 
   order as the whole-image call. The nearest 2x upsampling is done strip by strip too (it copies values).
 
 tests/runtime/test_lean_vae.py checks the output bitwise against `vae.decode` and the peak against a count of
-the maps. Anything this does not recognise (tiling, slicing, a hooked VAE, another block type) falls back to
-`vae.decode`; `lean_decode_supported` says which.
+the maps; `lite.model.memory_profile.lean_decode_activation` plans it. Anything this does not recognise (a
+latent diffusers would tile, a batch, a hooked VAE, another block type) falls back to `vae.decode`;
+`lean_decode_supported` says which.
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lite.model.memory_profile import VAE_STRIP_BYTES
+
 #: Bytes of input a convolution or GroupNorm step reads at once: bounds the strip-sized temporaries.
-STRIP_BYTES = 32 << 20
+STRIP_BYTES = VAE_STRIP_BYTES
 
 
 def lean_decode_supported(vae: Any, z: torch.Tensor) -> bool:
     """Whether `lean_decode(vae, z)` runs the decoder itself (else it is `vae.decode`)."""
     dec = getattr(vae, "decoder", None)
-    if (z.device.type != "cpu" or z.dim() != 4 or z.shape[0] != 1 or dec is None or vae.training
-            or getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False)
-            or hasattr(vae, "_hf_hook") or hasattr(dec, "_hf_hook") or type(dec).__name__ != "Decoder"):
+    tiles = getattr(vae, "use_tiling", False) and max(z.shape[-2:]) > getattr(vae, "tile_latent_min_size", 0)
+    if (z.device.type != "cpu" or z.dim() != 4 or z.shape[0] != 1 or dec is None or vae.training or tiles
+            or type(dec).__name__ != "Decoder" or not _plain_modules(vae, z.dtype)):
         return False
     if not (isinstance(dec.conv_norm_out, nn.GroupNorm) and isinstance(dec.conv_act, nn.SiLU)
             and _conv_ok(dec.conv_out)):
@@ -68,6 +71,25 @@ def lean_decode(vae: Any, z: torch.Tensor) -> torch.Tensor:
     _group_norm_(x, dec.conv_norm_out)
     F.silu(x, inplace=True)
     return _conv_strips(dec.conv_out, x)
+
+
+def _plain_modules(vae: nn.Module, dtype: torch.dtype) -> bool:
+    """Every module runs as its class defines it, on CPU tensors of `dtype`: no forward replaced (paging, fp32
+    compute over bf16 storage, packed kernels: `offload.registry`), no torch or accelerate hook. Calling their
+    kernels directly would skip what such a wrapper does."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    post = getattr(vae, "post_quant_conv", None)
+    if hasattr(vae, "_hf_hook"):
+        return False
+    for module in [*vae.decoder.modules(), *(post.modules() if post is not None else ())]:
+        if ("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
+                or hasattr(module, "_hf_hook")):
+            return False
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if t.device.type != "cpu" or (t.is_floating_point() and t.dtype != dtype):
+                return False
+    return True
 
 
 def _conv_ok(conv: Any) -> bool:

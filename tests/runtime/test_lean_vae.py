@@ -61,13 +61,41 @@ def test_what_it_does_not_recognise_is_the_plain_decode() -> None:
     z = torch.randn(2, 4, 8, 8)
     assert not lean_decode_supported(vae, z)  # a batch of two
     vae.enable_tiling()
-    assert not lean_decode_supported(vae, z[:1])
+    vae.tile_latent_min_size = 6
+    assert not lean_decode_supported(vae, z[:1])  # diffusers decodes this one in tiles
+    vae.tile_latent_min_size = 8
+    assert lean_decode_supported(vae, z[:1])  # and this one whole
     vae.disable_tiling()
     vae.decoder.up_blocks[0].resnets[0].nonlinearity = torch.nn.GELU()  # an activation it does not run itself
     assert not lean_decode_supported(vae, z[:1])
     with torch.no_grad():
         assert torch.equal(lean_decode(vae, z), vae.decode(z).sample)
         assert torch.equal(lean_decode(vae, z[:1]), vae.decode(z[:1]).sample)
+
+
+def test_a_wrapped_forward_is_left_to_the_plain_decode() -> None:
+    """fp32 compute over bf16 storage (lite.runtime.cpu.compute) swaps each layer's weights inside its forward:
+    calling the kernels directly would skip it, so such a VAE decodes through `vae.decode`."""
+    from lite.runtime.cpu.compute import use_fp32_compute
+
+    vae = _vae([16, 32], torch.bfloat16)
+    z = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    assert lean_decode_supported(vae, z)
+    with use_fp32_compute(vae):
+        assert not lean_decode_supported(vae, z)
+        with torch.no_grad():
+            assert torch.equal(lean_decode(vae, z), vae.decode(z).sample)
+    handle = vae.decoder.conv_out.register_forward_hook(lambda *a: None)
+    assert not lean_decode_supported(vae, z)
+    handle.remove()
+
+
+def test_the_cpu_preset_decodes_through_it(tiny_dir) -> None:
+    from lite.runtime.pipeline import OvisPipeline
+
+    pipe = OvisPipeline.from_pretrained(tiny_dir, device="cpu", preset="cpu", progress=False)
+    z = torch.randn(1, 4, 8, 8, dtype=pipe.vae.dtype)
+    assert pipe.vae.dtype == torch.float32 and lean_decode_supported(pipe.vae, z)
 
 
 CHILD = """
