@@ -78,7 +78,8 @@ class OvisPipeline(ImageTasks):
         self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message),
-                                      held=lambda: self.caches.bytes, release=lambda: self.caches.clear())
+                                      reach=lambda: self.caches.reach_bytes, release=lambda: self.caches.clear(),
+                                      limit=lambda n: self.caches.limit(n))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
