@@ -24,7 +24,7 @@ from PIL import Image
 from lite.model.processing import preprocess_image, tokenize_with_images, truncate_left
 from lite.runtime.decode import Sampling, TextPieces, forward_last, generate_tokens, timed
 from lite.runtime.decode_threads import CoreWindow
-from lite.runtime.kv_cache import PositionKey, longest_prefix, new_cache, remember, snapshot
+from lite.runtime.kv_cache import PositionKey, keep, longest_prefix, new_cache
 from lite.runtime.vision import visual_embeddings
 
 
@@ -128,5 +128,5 @@ def answer_tokens(pipe: Any, text: str, images: list[Image.Image], sampling: Sam
         timed(clock, "decode", t0)
         tokens.close()
         if store.enabled:
-            remember(store, snapshot(cache, prompt.positions + tuple(fed)))
+            keep(store, cache, prompt.positions + tuple(fed))
         stats.cache.update(caches.stats())
