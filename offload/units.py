@@ -63,9 +63,25 @@ class Unit:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def _submodules(module: nn.Module) -> list[nn.Module]:
+    """`list(module.modules())` (pre-order, each module once) without building the qualified names:
+    planning cuts the same skeleton into units for every preset and task, and `modules()` was most of it."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
 def _owned_slots(module: nn.Module) -> list[Slot]:
     out: list[Slot] = []
-    for m in module.modules():
+    for m in _submodules(module):
         out += [Slot(m, n, True) for n, p in m._parameters.items() if p is not None]
         out += [Slot(m, n, False) for n, b in m._buffers.items() if b is not None]
     return out

@@ -6,12 +6,16 @@ Each round runs every command once, in turn, in fresh processes; the median wall
 by the median of `import torch` from the same rounds, so machine load cancels out (mostly: on a shared
 machine, run it under the heavy lock). Targets (issue 26, item 7): `presets`, `plan`, `info` and `inspect`
 at most 1.5x `import torch`; `ask` on a tiny checkpoint (written once, before the rounds) at most 3x.
+The JSON also records the CPU, the load average before and after, and whether Python caches bytecode
+(PYTHONDONTWRITEBYTECODE=1 makes every process compile ovis-lite's sources again: ~0.06-0.09 s of CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +36,17 @@ def tagged_png(path: Path) -> Path:
     info.add_text("ovis-lite", json.dumps({"task": "t2i", "prompt": "a fox", "seed": 7, "steps": 8}))
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), for the record beside the numbers."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def commands(tiny: Path, image: Path) -> dict[str, list[str]]:
@@ -56,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     from lite.model.tiny import make_tiny
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         tiny = make_tiny(Path(work) / "tiny")
         cmds = commands(tiny, tagged_png(Path(work) / "tagged.png"))
@@ -72,7 +88,9 @@ def main() -> None:
     ratio = {k: round(v / base, 2) for k, v in med.items()}
     result = {"seconds": {k: round(v, 2) for k, v in med.items()}, "ratio_to_import_torch": ratio,
               "targets": {k: {"max_ratio": t, "met": ratio[k] <= t} for k, t in TARGETS.items()},
-              "rounds": args.rounds}
+              "rounds": args.rounds, "cpu": cpu_name(), "load_average_before": round(load_before, 2),
+              "load_average_after": round(os.getloadavg()[0], 2),
+              "bytecode_cache": not sys.flags.dont_write_bytecode}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

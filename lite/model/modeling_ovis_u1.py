@@ -1,12 +1,13 @@
 """The top-level Ovis-U1 module: its `state_dict` names are the checkpoint's names.
 
     OvisU1
-    ├── llm                  transformers Qwen3ForCausalLM (lm_head tied to embed_tokens)
+    ├── llm                  Qwen3ForCausalLM (modeling_qwen3: transformers' computation; lm_head tied)
     ├── visual_tokenizer     AIMv2 backbone + softmax head          (modeling_aimv2)
     ├── vte                  visual embedding table [65536, 2048]
     └── visual_generator
         ├── backbone         Yak MMDiT                              (modeling_yak)
-        └── vae              diffusers AutoencoderKL (4 latent channels)
+        └── vae              diffusers AutoencoderKL's weights (4 latent channels); the AutoencoderKL itself is
+                             built around them when an image task first runs it (deferred_vae)
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quant.backends.bnb import quiet_import_logs
-
 from lite.model.architecture import OVIS_U1, Architecture
 from lite.model.config import OvisU1Config
+from lite.model.deferred_vae import DeferredAutoencoderKL
 from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer, indicator_rows
 from lite.model.modeling_yak import YakTransformer
 
@@ -25,12 +25,8 @@ from lite.model.modeling_yak import YakTransformer
 class VisualGenerator(nn.Module):
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
-        quiet_import_logs()  # diffusers imports bitsandbytes, which would log a warning nothing here needs
-        # diffusers takes seconds to import: only when a model is built, never for planning or `--help`.
-        from diffusers import AutoencoderKL
-
         self.backbone = YakTransformer(config.yak)
-        self.vae = AutoencoderKL.from_config(config.vae)
+        self.vae = DeferredAutoencoderKL(config.vae)  # diffusers is imported when an image task first needs it
 
 
 class OvisU1(nn.Module):
@@ -40,13 +36,14 @@ class OvisU1(nn.Module):
 
     def __init__(self, config: OvisU1Config) -> None:
         super().__init__()
-        # transformers' modeling code takes seconds to import: only when a model is built.
-        from transformers import Qwen3ForCausalLM
+        # transformers' config and cache modules (behind our Qwen3) take ~0.4 s to import: only when a model is built.
+        from lite.model.modeling_qwen3 import Qwen3ForCausalLM
 
         self.config = config
         self.llm = Qwen3ForCausalLM(config.qwen3_config())
         self.visual_tokenizer = VisualTokenizer(config.vision)
-        self.vte = VisualEmbedding(config.vision.vocab_size, config.hidden_size)
+        rows, dim = config.vision.vocab_size, config.hidden_size  # given its weight, an Embedding skips `normal_`,
+        self.vte = VisualEmbedding(rows, dim, _weight=torch.empty(rows, dim))  # which imports torch._dynamo on meta
         self.visual_generator = VisualGenerator(config)
 
     # -- understanding side -------------------------------------------------------------------

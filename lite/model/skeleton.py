@@ -1,10 +1,11 @@
 """A weightless stand-in for `OvisU1`, built on `meta` from config arithmetic alone.
 
 `presets`, `plan` and `inspect` only need module names, parameter shapes and which modules are
-Linear/Embedding. Building the real model for that imports transformers' Qwen3 modeling and diffusers
-(with bitsandbytes and torch._dynamo behind them): seconds of start-up for a table. The skeleton has the
+Linear/Embedding. Building the real model for that imports transformers' config and cache modules (our
+Qwen3, ~0.4 s) and builds every layer: start-up a table does not need. The skeleton has the
 same module tree, names, shapes, buffers and tied head as `OvisU1(config)` on meta (tested against it);
-the Yak and the visual tokenizer are our own torch-only modules and are built as they are.
+the Yak, the visual tokenizer and the VAE's tree (`lite/model/deferred_vae.py`) are our own torch-only modules
+and are built as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from lite.model.config import OvisU1Config
+from lite.model.deferred_vae import DeferredAutoencoderKL
+from lite.model.memory_profile import UNIT_CACHE_ATTR
 from lite.model.modeling_aimv2 import VisualEmbedding, VisualTokenizer
 from lite.model.modeling_yak import YakTransformer
 
@@ -39,7 +42,7 @@ def _children(**modules: nn.Module) -> nn.Module:
     return parent
 
 
-# -- the LLM: transformers' Qwen3ForCausalLM ------------------------------------------------------
+# -- the LLM: Qwen3ForCausalLM (lite/model/modeling_qwen3.py) ------------------------------------------------------
 
 def _qwen3_layer(llm: dict[str, Any]) -> nn.Module:
     hidden, head_dim = int(llm["hidden_size"]), _head_dim(llm)
@@ -71,60 +74,6 @@ def _qwen3(llm: dict[str, Any]) -> nn.Module:
     return causal_lm
 
 
-# -- the VAE: diffusers' AutoencoderKL ------------------------------------------------------------
-
-def _resnet(c_in: int, c_out: int, groups: int) -> nn.Module:
-    block = _children(norm1=nn.GroupNorm(groups, c_in), conv1=nn.Conv2d(c_in, c_out, 3, padding=1),
-                      norm2=nn.GroupNorm(groups, c_out), conv2=nn.Conv2d(c_out, c_out, 3, padding=1))
-    if c_in != c_out:
-        block.add_module("conv_shortcut", nn.Conv2d(c_in, c_out, 1))
-    return block
-
-
-def _mid_block(channels: int, groups: int, attention: bool) -> nn.Module:
-    mid = nn.Module()
-    if attention:  # one head of width `channels`, registered before the resnets
-        mid.attentions = nn.ModuleList([_children(
-            group_norm=nn.GroupNorm(groups, channels), to_q=nn.Linear(channels, channels),
-            to_k=nn.Linear(channels, channels), to_v=nn.Linear(channels, channels),
-            to_out=nn.ModuleList([nn.Linear(channels, channels)]))])
-    mid.resnets = nn.ModuleList([_resnet(channels, channels, groups), _resnet(channels, channels, groups)])
-    return mid
-
-
-def _sampling_block(c_in: int, c_out: int, layers: int, groups: int, resample: str | None) -> nn.Module:
-    block = _children(resnets=nn.ModuleList(_resnet(c_in if i == 0 else c_out, c_out, groups) for i in range(layers)))
-    if resample is not None:
-        block.add_module(resample, nn.ModuleList([_children(conv=nn.Conv2d(c_out, c_out, 3, padding=1))]))
-    return block
-
-
-def _vae(vae: dict[str, Any]) -> nn.Module:
-    channels = [int(c) for c in vae.get("block_out_channels", [64])]
-    layers, groups = int(vae.get("layers_per_block", 1)), int(vae.get("norm_num_groups", 32))
-    latent, attention = int(vae.get("latent_channels", 4)), bool(vae.get("mid_block_add_attention", True))
-    last = len(channels) - 1
-    down = nn.ModuleList(_sampling_block(channels[max(i - 1, 0)], c, layers, groups, None if i == last else "downsamplers")
-                         for i, c in enumerate(channels))
-    encoder = _children(conv_in=nn.Conv2d(int(vae.get("in_channels", 3)), channels[0], 3, padding=1), down_blocks=down,
-                        mid_block=_mid_block(channels[-1], groups, attention),
-                        conv_norm_out=nn.GroupNorm(groups, channels[-1]),
-                        conv_out=nn.Conv2d(channels[-1], 2 * latent, 3, padding=1))
-    up_channels = channels[::-1]
-    up = nn.ModuleList(_sampling_block(up_channels[max(i - 1, 0)], c, layers + 1, groups, None if i == last else "upsamplers")
-                       for i, c in enumerate(up_channels))
-    decoder = _children(conv_in=nn.Conv2d(latent, channels[-1], 3, padding=1), up_blocks=up,
-                        mid_block=_mid_block(channels[-1], groups, attention),
-                        conv_norm_out=nn.GroupNorm(groups, channels[0]),
-                        conv_out=nn.Conv2d(channels[0], int(vae.get("out_channels", 3)), 3, padding=1))
-    out = _children(encoder=encoder, decoder=decoder)
-    if vae.get("use_quant_conv", True):
-        out.add_module("quant_conv", nn.Conv2d(2 * latent, 2 * latent, 1))
-    if vae.get("use_post_quant_conv", True):
-        out.add_module("post_quant_conv", nn.Conv2d(latent, latent, 1))
-    return out
-
-
 def skeleton_model(config: OvisU1Config) -> nn.Module:
     """`OvisU1(config)`'s module tree on `meta`, without transformers or diffusers."""
     with torch.device("meta"):
@@ -132,5 +81,6 @@ def skeleton_model(config: OvisU1Config) -> nn.Module:
         root.llm = _qwen3(config.llm)
         root.visual_tokenizer = VisualTokenizer(config.vision)
         root.vte = _embedding(VisualEmbedding, config.vision.vocab_size, config.hidden_size)
-        root.visual_generator = _children(backbone=YakTransformer(config.yak), vae=_vae(config.vae))
+        root.visual_generator = _children(backbone=YakTransformer(config.yak), vae=DeferredAutoencoderKL(config.vae))
+    object.__setattr__(root, UNIT_CACHE_ATTR, {})  # its offload units, cut once per layout (memory_profile)
     return root

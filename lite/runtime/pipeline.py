@@ -80,7 +80,8 @@ class OvisPipeline(ImageTasks):
         self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message),
-                                      held=lambda: self.caches.bytes, release=lambda: self.caches.clear())
+                                      reach=lambda: self.caches.reach_bytes, release=lambda: self.caches.clear(),
+                                      limit=lambda n: self.caches.limit(n))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
@@ -134,7 +135,9 @@ class OvisPipeline(ImageTasks):
 
     @property
     def vae(self) -> Any:
-        return self.model.visual_generator.vae
+        """diffusers' AutoencoderKL over the loaded VAE weights: built (diffusers imported) on first use, so
+        understanding never imports diffusers (`lite/model/deferred_vae.py`)."""
+        return self.model.visual_generator.vae.autoencoder()
 
     @property
     def offload_plan(self) -> Any:
@@ -157,7 +160,8 @@ class OvisPipeline(ImageTasks):
 
     def set_vae_tiling(self, tile: int | None, overlap: float = 0.25) -> None:
         """Decode and encode in blended tiles of `tile` px once an image side exceeds it (`lite.runtime.vae`)."""
-        set_vae_tiling(self.vae, tile, overlap)
+        deferred = self.model.visual_generator.vae  # not built yet: it records the tiling for when it is
+        set_vae_tiling(deferred.autoencoder() if deferred.built else deferred, tile, overlap)
         self.vae_tile = tile
 
     def workload(self, task: str, width: int = 0, height: int = 0, nfe: int | None = None,
@@ -165,7 +169,7 @@ class OvisPipeline(ImageTasks):
         return Workload(task, width=width or 1024, height=height or 1024, nfe=nfe, num_images=num_images,
                         max_new_tokens=max_new_tokens, device_type=self.device.type,
                         dtype_bytes=torch.finfo(self.dtype).bits // 8,
-                        vae_dtype_bytes=torch.finfo(self.vae.dtype).bits // 8, vae_tile=self.vae_tile)
+                        vae_dtype_bytes=torch.finfo(self.model.visual_generator.vae.dtype).bits // 8, vae_tile=self.vae_tile)
 
     def _phase(self, name: str) -> None:
         self.offload.enter_phase(name)

@@ -24,7 +24,7 @@ from PIL import Image
 from lite.model.processing import preprocess_image, tokenize_with_images, truncate_left
 from lite.runtime.decode import Sampling, TextPieces, forward_last, timed, tokens_from
 from lite.runtime.decode_threads import CoreWindow
-from lite.runtime.kv_cache import PositionKey, longest_prefix, new_cache, remember, snapshot
+from lite.runtime.kv_cache import PositionKey, keep, longest_prefix, new_cache
 from lite.runtime.vision import visual_embeddings
 
 
@@ -147,7 +147,7 @@ class TorchRun:
 
     def keep(self, positions: PositionKey) -> None:
         if self.store.enabled:
-            remember(self.store, snapshot(self.cache, positions))
+            keep(self.store, self.cache, positions)
 
     def extra_stats(self) -> dict[str, Any]:
         return {}

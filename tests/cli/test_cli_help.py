@@ -116,3 +116,17 @@ def test_output_names():
     assert [str(p) for p in output_names("out.png", 3)] == ["out.png", "out-1.png", "out-2.png"]
     assert [str(p) for p in output_names("d/img-%03d.png", 2)] == ["d/img-000.png", "d/img-001.png"]
     assert [str(p) for p in output_names("one.png", 1)] == ["one.png"]
+
+
+def test_ask_imports_no_image_or_quantization_library(tiny_dir):
+    """Understanding never runs the VAE and no bitsandbytes/quanto backend: diffusers (which pulls bitsandbytes,
+    torch._dynamo and torch._inductor) and the backends' libraries stay unimported (issue 26, item 7)."""
+    unwanted = ("diffusers", "bitsandbytes", "optimum.quanto")
+    code = ("import sys\nfrom lite.cli.main import main\n"
+            f"code = main(['ask', 'What is it?', '--model', {str(tiny_dir)!r}, '--device', 'cpu', "
+            "'--max-new-tokens', '2', '--quiet'])\n"
+            f"print('IMPORTED=' + ','.join(m for m in {unwanted!r} if m in sys.modules), file=sys.stderr)\n"
+            "sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "IMPORTED=", proc.stderr[-2000:]

@@ -87,3 +87,25 @@ def test_the_spelled_out_activation_names_are_the_libraries_own() -> None:
 
     assert set(LLM_ACTIVATIONS) <= set(ACT2FN)
     assert set(VAE_ACTIVATIONS) == set(ACT2CLS)
+
+
+def test_the_skeleton_cuts_units_once_per_layout_and_each_cut_equals_a_fresh_one() -> None:
+    # Independent: offload's build_units on the same skeleton, every time from scratch (no cache).
+    from offload import build_units
+
+    from lite.model.architecture import OVIS_U1
+    from lite.model.memory_profile import Workload, ovis_units, unit_specs
+
+    model = skeleton_model(parse_config(_real_dict()))
+
+    def key(u):
+        slots = tuple((id(s.module), s.name, s.is_param) for s in u.slots)
+        return (u.name, u.component, slots, tuple(map(id, u.entry_modules)), id(u.exit_module), u.nbytes,
+                u.phases, u.uses, u.outer)
+
+    for wl in (Workload("t2i", nfe=16), Workload("edit", nfe=30), Workload("understand", max_new_tokens=7),
+               Workload("t2i", nfe=3)):
+        for group in (4, 2, 1):
+            fresh = build_units(OVIS_U1.component_modules(model), unit_specs(wl, group, 1))
+            assert [key(u) for u in ovis_units(model, wl, llm_group=group)] == [key(u) for u in fresh]
+    assert len(model.planning_units) == 3  # one cut per LLM grouping, whatever the workload

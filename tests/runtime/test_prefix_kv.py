@@ -1,5 +1,6 @@
-"""Understanding with the prefix KV and vision caches, checked against transformers' `generate` over a
-full prefill of the whole conversation (the path without any cache), on the tiny model in fp32."""
+"""Understanding with the prefix KV and vision caches, checked against transformers' `generate` (its own
+Qwen3ForCausalLM, holding the same weights) over a full prefill of the whole conversation (the path without any
+cache), on the tiny model in fp32."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def _image(seed: int, size: tuple[int, int] = (56, 84)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def _transformers_llm(pipe):
+    """transformers' own Qwen3ForCausalLM holding the pipeline LLM's weights (ours is `lite.model.modeling_qwen3`)."""
+    if not hasattr(pipe, "_transformers_llm"):
+        from transformers import Qwen3ForCausalLM
+
+        reference = Qwen3ForCausalLM(pipe.model.llm.config).eval()
+        reference.load_state_dict(pipe.model.llm.state_dict())
+        pipe._transformers_llm = reference
+    return pipe._transformers_llm
+
+
 def _reference(pipe, prompt: str, images, n: int, sampling: Sampling | None = None) -> list[int]:
     """transformers' generate over the whole prompt (no cache kept between calls)."""
     with torch.no_grad():
@@ -43,10 +55,10 @@ def _reference(pipe, prompt: str, images, n: int, sampling: Sampling | None = No
         if sampling is not None and sampling.do_sample:
             torch.manual_seed(sampling.seed)
             kwargs = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        out = pipe.model.llm.generate(inputs_embeds=embeds, max_new_tokens=n, use_cache=True,
-                                      attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                                      eos_token_id=pipe.model.config.eos_token_id,
-                                      pad_token_id=pipe.tokenizer.pad_token_id, **kwargs)
+        out = _transformers_llm(pipe).generate(inputs_embeds=embeds, max_new_tokens=n, use_cache=True,
+                                               attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                               eos_token_id=pipe.model.config.eos_token_id,
+                                               pad_token_id=pipe.tokenizer.pad_token_id, **kwargs)
     return out[0].tolist()
 
 
