@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,3 +218,30 @@ def test_server_chat_runs_on_the_engine_and_reuses_the_prefix(pipes):
         second = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5})
         assert second.status_code == 200, second.text
     assert peer.last_run.cache["prefix_tokens_reused"] > 0
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "lite", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("engine, says", [("vllm", "unknown LLM engine"),
+                                          ("llama.cpp:q3_k", "unknown llama.cpp format")])
+def test_cli_refuses_a_bad_engine_in_one_line(tiny_dir, engine, says):
+    done = _cli("ask", "--model", str(tiny_dir), "--llm-engine", engine, "Hi?")
+    assert done.returncode == 2 and says in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in done.stderr  # usage + the error
+
+
+@needs_llama
+def test_cli_ask_on_the_engine(wide_dir, cache_home):
+    done = _cli("ask", "--model", str(wide_dir), "--llm-engine", "llama.cpp:q8_0", "--max-new-tokens", "4",
+                "--json", "Hi?", env={"OVIS_LITE_CACHE": str(cache_home)})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["cache"]["llm_engine"] == "llama.cpp:q8_0" and result["tokens"] >= 1
+    assert "runs on llama.cpp (q8_0" in done.stderr  # the load report names the engine and its file
