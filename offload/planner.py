@@ -72,6 +72,7 @@ class Plan:
     min_budget_bytes: int
     paged_bytes_per_generation: int
     unit_bytes: dict[str, int] = field(default_factory=dict)
+    reserve_bytes: int = 0  # held back beside the plan (the caller's caches); planned_peak + reserve <= budget
 
     def is_resident(self, unit: str) -> bool:
         return unit in self._resident_set
@@ -222,4 +223,5 @@ def plan(budget_bytes: int, units: Iterable[UnitLike], activation_bytes: Mapping
         min_budget_bytes=minimum,
         paged_bytes_per_generation=_transfer_cost(infos, resident),
         unit_bytes={u.name: u.nbytes for u in infos},
+        reserve_bytes=int(reserve_bytes),
     )

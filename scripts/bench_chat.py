@@ -7,6 +7,12 @@ clients do. Then the same turns again with every cache off, to check the answers
 (the tokens are read from the LLM head's logits with a forward hook: independent of the decode loop).
 
     flock /tmp/ovis-heavy.lock python scripts/bench_chat.py --json
+    flock /tmp/ovis-heavy.lock python scripts/bench_chat.py --server --json
+
+`--server` runs the same turns against a real `ovis-lite serve` process through the official `openai` client,
+streamed, each request resending the conversation (the image as a PNG data URI in the first user message, the
+earlier answers as assistant messages); a turn's ttft is the time from the request to its first content chunk.
+The comparison then runs a second server with `--no-cache` and compares the answers' text.
 
 Reports turnN_ttft_s (the pipeline's `ttft` phase: call to first token chosen), followup_ttft_ratio
 (turn 2 / turn 1), prefix tokens reused per turn and tokens_identical_without_cache.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,6 +88,70 @@ def run_turns(pipe, image, new_tokens: int, turns: int) -> list[dict]:
     return out
 
 
+def png_data_uri(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def server_turns(model: Path, preset: str, threads: int, image, new_tokens: int, turns: int,
+                 cache: bool = True) -> list[dict]:
+    """The turns through the `openai` client against a fresh `serve` process, streamed; the history resent."""
+    from openai import OpenAI
+
+    from lite.server.launch import ServerProcess
+
+    extra = [] if cache else ["--no-cache"]
+    messages: list[dict] = []
+    out = []
+    with ServerProcess("--model", str(model), "--device", "cpu", "--preset", preset, "--threads", str(threads),
+                       *extra, timeout=1800) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=3600, max_retries=0)
+        for i, question in enumerate(QUESTIONS[:turns]):
+            content = [{"type": "image_url", "image_url": {"url": png_data_uri(image)}},
+                       {"type": "text", "text": question}] if i == 0 else question
+            messages.append({"role": "user", "content": content})
+            t0 = time.perf_counter()
+            first, pieces, chunks = None, [], 0
+            stream = client.chat.completions.create(model="ovis-lite", messages=messages, max_tokens=new_tokens,
+                                                    stream=True)
+            for chunk in stream:
+                chunks += 1
+                piece = chunk.choices[0].delta.content if chunk.choices else None
+                if piece:
+                    first = time.perf_counter() - t0 if first is None else first
+                    pieces.append(piece)
+            seconds = time.perf_counter() - t0
+            answer = "".join(pieces)
+            messages.append({"role": "assistant", "content": answer})
+            print(f"server turn {i + 1}: first content chunk {first} s, whole answer {seconds:.1f} s, "
+                  f"{len(answer)} chars", file=sys.stderr, flush=True)
+            out.append({"ttft_s": first, "seconds": seconds, "chunks": chunks, "answer": answer})
+        metrics = srv.get_json("/metrics") if cache else None
+    if metrics is not None:
+        out[-1]["metrics"] = metrics
+    return out
+
+
+def server_main(args, model: Path, image) -> dict:
+    """`--server`: the turns through the server, then (unless --no-compare) through one with the caches off."""
+    cached = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns)
+    result = {"mode": "server, openai client, streamed", "turns": cached}
+    for i, turn in enumerate(cached, 1):
+        result[f"turn{i}_ttft_s"] = turn["ttft_s"]
+    if all(t["ttft_s"] is not None for t in cached):
+        result["followup_ttft_ratio"] = cached[1]["ttft_s"] / cached[0]["ttft_s"]
+        result["followup_ttft_ratios"] = [t["ttft_s"] / cached[0]["ttft_s"] for t in cached[1:]]
+    if not args.no_compare:
+        plain = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns, cache=False)
+        result["without_cache"] = [{k: t[k] for k in ("ttft_s", "seconds")} for t in plain]
+        result["answers_identical_without_cache"] = [a["answer"] for a in cached] == [b["answer"] for b in plain]
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +162,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3, choices=[2, 3])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compare", action="store_true", help="skip the run without caches")
+    ap.add_argument("--server", action="store_true",
+                    help="through `ovis-lite serve` and the official openai client instead of the Python API")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -100,14 +173,21 @@ def main() -> None:
     from lite.runtime.hardware import detect
     from lite.runtime.pipeline import OvisPipeline
 
-    configure_threads(args.threads)
     model = ensure_checkpoint(Path(args.model))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
+    if args.server:
+        result = {"cpu": detect().to_dict(), "preset": args.preset, "threads": args.threads, "size": args.size,
+                  "new_tokens": args.new_tokens, "load_average_before": [round(x, 2) for x in os.getloadavg()],
+                  **server_main(args, model, image)}
+        print(json.dumps(result, indent=2, default=str) if args.json else
+              {k: v for k, v in result.items() if k.endswith("ratio") or k.endswith("ttft_s")})
+        return
+    configure_threads(args.threads)
     t0 = time.perf_counter()
     pipe = OvisPipeline.from_pretrained(model, device="cpu", preset=args.preset, progress=False)
     load_s = time.perf_counter() - t0
     print(f"loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
     cached = run_turns(pipe, image, args.new_tokens, args.turns)
     result = {"cpu": detect().to_dict(), "preset": args.preset, "threads": args.threads, "size": args.size,
               "new_tokens": args.new_tokens, "load_s": round(load_s, 1), "turns": cached}

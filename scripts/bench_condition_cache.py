@@ -29,10 +29,11 @@ def api_phases(checkpoint: str, size: int, steps: int, preset: str | None) -> di
     pipe = OvisPipeline.from_pretrained(checkpoint, device="cpu", preset=preset, progress=False)
     seconds, images = [], []
     for seed in (1, 2, 3):
-        images.append(np.asarray(pipe.generate("a lighthouse at dusk", width=size, height=size, steps=steps, seed=seed)))
+        images.append(np.asarray(pipe.generate("a lighthouse at dusk", width=size, height=size, steps=steps,
+                                              seed=seed).image))
         seconds.append(pipe.last_run.phases["conditions"])
     pipe.caches.set_enabled(False)
-    uncached = [np.asarray(pipe.generate("a lighthouse at dusk", width=size, height=size, steps=steps, seed=3))
+    uncached = [np.asarray(pipe.generate("a lighthouse at dusk", width=size, height=size, steps=steps, seed=3).image)
                 for _ in range(2)]
     # the baseline: whether two uncached runs of this pipeline agree bitwise at all (the cached one can only match
     # an uncached one where they do)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--paths", nargs="+", choices=("api", "cli"), default=["api", "cli"],
+                    help="which paths to run (default both; one at a time keeps a full-size run short)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             from lite.model.tiny import make_tiny
 
             ckpt = str(make_tiny(Path(tmp) / "tiny", dtype=torch.bfloat16))
-        result = {"checkpoint": "tiny" if args.tiny else ckpt, "preset": args.preset, "size": args.size,
-                  "steps": args.steps, "api": api_phases(ckpt, args.size, args.steps, args.preset),
-                  "cli_b3": cli_phases(ckpt, args.size, args.steps, args.preset, Path(tmp))}
+        result: dict[str, Any] = {"checkpoint": "tiny" if args.tiny else ckpt, "preset": args.preset,
+                                  "size": args.size, "steps": args.steps}
+        if "api" in args.paths:
+            result["api"] = api_phases(ckpt, args.size, args.steps, args.preset)
+        if "cli" in args.paths:
+            result["cli_b3"] = cli_phases(ckpt, args.size, args.steps, args.preset, Path(tmp))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

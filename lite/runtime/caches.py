@@ -25,21 +25,29 @@ from typing import Any
 import torch
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # host bytes across all caches unless told otherwise
+#: On a device that pages weights inside a budget, the caches may hold at most this share of it (capped by the
+#: default): the plan reserves that much beside the weights, so a chat's KV (~0.13 GB for 1,100 full-size
+#: positions) stays on a 4 GB card without paging most of the model.
+DEVICE_SHARE = 0.125
 # Each cache's share of a total budget: prefix KV of a few conversations dominates, a ViT output is small.
 PREFIX_SLOTS = 4  # conversations whose KV is kept at most (a few, like llama-server slots; bytes bound them too)
 SHARES = {"vision": 0.15, "prefix_kv": 0.6, "conditions": 0.25}
 
 
 def tensor_bytes(value: Any) -> int:
-    """Bytes of every tensor reachable through tuples, lists, dicts and dataclasses in `value`."""
+    """Bytes kept alive by the tensors reachable through tuples, lists, dicts and dataclasses in `value`: each
+    distinct storage once, whole (a kept view of a larger buffer holds all of it; a budget counting only the
+    view would let the cache hold more than it says)."""
     seen: set[int] = set()
 
     def walk(obj: Any) -> int:
         if isinstance(obj, torch.Tensor):
-            if id(obj) in seen:
+            storage = obj.untyped_storage()
+            key = storage.data_ptr() or id(obj)  # an empty storage's pointer is 0
+            if key in seen:
                 return 0
-            seen.add(id(obj))
-            return obj.numel() * obj.element_size()
+            seen.add(key)
+            return storage.nbytes()
         if isinstance(obj, dict):
             return sum(walk(v) for v in obj.values())
         if isinstance(obj, (list, tuple)):
@@ -135,6 +143,19 @@ class ByteLRU:
         self._evict(self.budget_bytes)
         return True
 
+    def make_room(self, nbytes: int) -> bool:
+        """Evict LRU entries until one more entry of `nbytes` fits the budget and the entry count, before it is
+        built (a snapshot's copy would otherwise exist beside a full cache); False when it can never fit."""
+        if not self.enabled or nbytes > self.budget_bytes:
+            return False
+        slots = None if self.max_entries is None else self.max_entries - 1
+        while self._entries and (self._bytes + nbytes > self.budget_bytes or
+                                 (slots is not None and len(self._entries) > slots)):
+            _, (_, size) = self._entries.popitem(last=False)
+            self._bytes -= size
+            self.counters.evictions += 1
+        return True
+
     def pop(self, key: Hashable) -> Any | None:
         """Remove `key` and return its value (None when absent); not an eviction."""
         entry = self._entries.pop(key, None)
@@ -193,6 +214,18 @@ class RuntimeCaches:
     def bytes(self) -> int:
         """Bytes held by all caches now (what a planner adds to a run's peak)."""
         return sum(cache.bytes for cache in self.all())
+
+    @property
+    def reach_bytes(self) -> int:
+        """The most the caches can ever hold at once (the enabled caches' budgets): what a plan reserves."""
+        return sum(cache.budget_bytes for cache in self.all() if cache.enabled)
+
+    def limit(self, budget_bytes: int) -> int:
+        """Bound the caches to at most `budget_bytes` in all (a device's share, or what a plan leaves), never
+        above `DEFAULT_BUDGET_BYTES`; returns the bytes evicted."""
+        before = self.bytes
+        self.set_budget(min(max(budget_bytes, 0), DEFAULT_BUDGET_BYTES))
+        return before - self.bytes
 
     def set_budget(self, budget_bytes: int) -> None:
         """A new total bound, split by `SHARES`; entries past a cache's new share are evicted."""

@@ -1,15 +1,21 @@
-"""How many threads a CPU decode step gets, decided per call from what the cores are doing now.
+"""How many threads a CPU decode step gets, decided per call from what the cores are doing now and from how
+this process's OpenMP threads wait.
 
-A decode step is a chain of memory-bound matrix-vector products separated by OpenMP barriers. When
-every allowed core is free, all of them share the bandwidth and the step is fastest; when another
-process keeps a core busy, a thread placed on it is descheduled and every barrier waits for it (a
-2-core decode with one core taken runs at a fraction of one thread's speed). So the count is the
-number of cores other processes leave free, read from `/proc/stat` over a window that ends now:
-the busy time of the allowed cores minus this process's own CPU time (`CoreWindow`). The window is
-the prompt's prefill (seconds, no extra wait), topped up by a short sleep when it was shorter.
+A decode step is a chain of memory-bound matrix-vector products separated by OpenMP barriers. When every
+allowed core is free, all of them share the bandwidth and the step is fastest. When other processes keep cores
+busy, what is best depends on the wait policy OpenMP read at start-up (`lite/runtime/cpu/threads.py`):
 
-`scripts/bench_decode_threads.py` measures the choice against fixed counts on a quiet and a loaded
-machine (docs/BENCHMARKS.md).
+- default (idle threads spin before they sleep): a thread that waits at a barrier spins away the time slice
+  that its descheduled partner needs, so with cores taken only the free ones get a thread (the number of
+  cores other processes leave free, read from `/proc/stat` over a window that ends now: the busy time of the
+  allowed cores minus this process's own CPU time, `CoreWindow`). Measured on the 2-core Zen 5 with a busy
+  process: 2 threads 0.17 tok/s, 1 thread 1.17 tok/s.
+- PASSIVE (idle threads sleep at once): a waiting thread costs nothing, and the fair scheduler gives a process
+  a share per runnable thread, so every thread is kept: with one and with two busy processes, 2 threads ran
+  1.27x and 1.56x faster than 1 (docs/BENCHMARKS.md, "Decode threads, quiet and loaded").
+
+The window is the prompt's prefill (seconds, no extra wait), topped up by a short sleep when it was shorter.
+`scripts/bench_decode_threads.py` measures the choice against pinned counts without and with added load.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+
+from lite.runtime.cpu.plan import PROCESS
 
 MIN_WINDOW_S = 0.1  # a window shorter than this is topped up by sleeping (the clock ticks at 100 Hz)
 FREE_SHARE = 0.7  # a core counts as free when others used at most 30% of it over the window
@@ -90,11 +98,20 @@ class CoreWindow:
         pinned = pinned_threads(limit)
         if pinned is not None:
             return pinned, f"pinned by ${PIN_ENV}: {pinned} decode thread(s)"
+        if waits_passively():
+            return limit, f"idle OpenMP threads sleep (PASSIVE): all {limit} decode thread(s), loaded or not"
         others = self.others_busy_cores()
         if others is None:
             return limit, "no core reading: all threads"
         threads = choose_threads(len(self.cpus), others, limit)
         return threads, f"others used {others:.2f} of {len(self.cpus)} cores: {threads} decode thread(s)"
+
+
+def waits_passively() -> bool:
+    """Whether this process's idle OpenMP threads sleep at once: the policy recorded before torch started
+    (`lite.runtime.cpu.threads.early_environment`), else `$OMP_WAIT_POLICY` as it is now."""
+    policy = PROCESS.wait.value if PROCESS.wait is not None else os.environ.get("OMP_WAIT_POLICY", "")
+    return policy.strip().upper() == "PASSIVE"
 
 
 def pinned_threads(limit: int) -> int | None:

@@ -93,7 +93,17 @@ class KVSnapshot:
         return len(self.positions)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes the snapshot keeps alive: its tensors' storages (a view of a larger buffer holds all of it)."""
+        return storage_bytes((*self.keys, *self.values))
+
+
+def storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages under `tensors`."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def new_cache(num_layers: int, capacity: int, prefix: KVSnapshot | None = None, reuse: int = 0) -> Cache:
@@ -148,9 +158,25 @@ def longest_prefix(store: ByteLRU, positions: PositionKey) -> tuple[KVSnapshot |
 
 def remember(store: ByteLRU, snap: KVSnapshot) -> None:
     """Keep `snap`, dropping stored snapshots it extends (their every position is in it)."""
+    _drop_extended(store, snap.positions)
+    store.put(snap.positions, snap, snap.nbytes())
+
+
+def keep(store: ByteLRU, cache: Cache, positions: PositionKey) -> None:
+    """Remember the first `len(positions)` positions of `cache`, making room in `store` before the snapshot's
+    copy is made: the store's bytes stay within its budget at every moment (the plan reserves that budget)."""
+    _drop_extended(store, positions)
+    n = len(positions)
+    layers = [layer for layer in cache.layers if isinstance(layer, BufferLayer) and layer._k is not None]
+    compact = sum(t[:, :, :n].numel() * t.element_size() for layer in layers for t in (layer._k, layer._v))
+    whole = sum(storage_bytes((layer._k, layer._v)) for layer in layers)
+    if store.make_room(compact if any(layer.capacity > n + n // 4 for layer in layers) else whole):
+        remember(store, snapshot(cache, positions))
+
+
+def _drop_extended(store: ByteLRU, positions: PositionKey) -> None:
     for key in store.keys():
         held = store.peek(key)
-        if isinstance(held, KVSnapshot) and held.length <= snap.length and \
-                common_prefix(held.positions, snap.positions) == held.length:
+        if isinstance(held, KVSnapshot) and held.length <= len(positions) and \
+                common_prefix(held.positions, positions) == held.length:
             store.pop(key)
-    store.put(snap.positions, snap, snap.nbytes())

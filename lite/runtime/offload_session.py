@@ -20,6 +20,7 @@ from lite.memory import format_bytes
 from lite.model.config import PreprocessorConfig
 from lite.model.memory_profile import Workload
 from lite.model.modeling_ovis_u1 import OvisU1
+from lite.runtime.caches import DEVICE_SHARE
 from lite.runtime.planning import plan_workload
 
 OOM_RETRY_FACTOR = 0.75
@@ -39,12 +40,14 @@ class OffloadSession:
     """The pipeline's paging state: the settings, the current plan and its hooks."""
 
     def __init__(self, model: OvisU1, preprocessor: PreprocessorConfig, device: torch.device,
-                 notify: Callable[[str], None], held: Callable[[], int] = lambda: 0,
-                 release: Callable[[], int] = lambda: 0) -> None:
+                 notify: Callable[[str], None], reach: Callable[[], int] = lambda: 0,
+                 release: Callable[[], int] = lambda: 0, limit: Callable[[int], int] = lambda n: 0) -> None:
         self.model = model
-        # the pipeline's caches: `held()` bytes stay on the device beside the plan (a plan reserves them),
-        # `release()` drops them (first, on an out-of-memory or a plan they would not fit beside) -> bytes freed
-        self.held, self.release = held, release
+        # the pipeline's caches live on the device beside the plan: `reach()` is the most they can hold (their
+        # budget; a plan reserves it, so no put during a run can pass what was planned), `limit(n)` bounds them
+        # (to `DEVICE_SHARE` of the budget when paging starts, to what the smallest plan leaves when the share
+        # does not fit) -> bytes evicted, `release()` drops them (first, on an out-of-memory) -> bytes freed
+        self.reach, self.release, self.limit = reach, release, limit
         self.pp = preprocessor
         self.device = device
         self.notify = notify
@@ -61,6 +64,7 @@ class OffloadSession:
         """
         self.disable()
         self.settings = OffloadSettings(int(budget_bytes), prefetch_depth, simulate)
+        self.limit(int(DEVICE_SHARE * budget_bytes))
         if self.device.type == "cuda":
             # Paging frees and reallocates units of different sizes every pass; with the default
             # caching allocator that fragmentation (64-140 MiB, measured on an H100) overflowed
@@ -83,21 +87,25 @@ class OffloadSession:
         """Units and plan for a workload on this model (sizes are the real, possibly quantized, bytes)."""
         budget = budget_bytes if budget_bytes is not None else (self.settings.budget_bytes if self.settings else None)
         depth = self.settings.prefetch_depth if self.settings else 1
-        held = self.held() if budget is not None else 0
+        reserve = self.reach() if budget is not None else 0
         try:
-            return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=held)
-        except BudgetError:
-            if not held:
+            return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=reserve)
+        except BudgetError as exc:
+            if not reserve:
                 raise
-        self.notify(f"dropped {format_bytes(self.release())} of caches to fit a {format_bytes(budget)} plan")
-        return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=self.held())
+            room = max(budget - (exc.min_budget_bytes - reserve), 0)  # what the smallest plan leaves free
+        evicted = self.limit(room)
+        if evicted:  # a shrink that drops nothing (empty caches, an out-of-memory retry's) is not news
+            self.notify(f"the caches' device budget shrinks to {format_bytes(self.reach())} to fit a "
+                        f"{format_bytes(budget)} plan (evicted {format_bytes(evicted)})")
+        return plan_workload(self.model, self.model.config, self.pp, wl, budget, depth, reserve_bytes=self.reach())
 
     def prepare(self, wl: Workload) -> None:
         """Attach the plan for this workload (kept while the workload stays the same)."""
         if self.settings is None:
             return
         key = (wl.task, wl.output_size if wl.task != "understand" else None, wl.model_evaluations,
-               self.settings.budget_bytes, self.held())
+               self.settings.budget_bytes, self.reach())
         if self.offloader is not None and key == self._key:
             return
         if self.offloader is not None:
@@ -143,8 +151,9 @@ class OffloadSession:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = min(budget, int(free))
-        try:
-            minimum = self.plan_for(wl, budget_bytes=max(budget, 1))[1].min_budget_bytes
+        depth = self.settings.prefetch_depth if self.settings else 1
+        try:  # the weights' minimum alone: the caches shrink to what the retry's plan leaves them
+            minimum = plan_workload(self.model, self.model.config, self.pp, wl, max(budget, 1), depth)[1].min_budget_bytes
         except BudgetError as exc:
             minimum = exc.min_budget_bytes
         return max(budget, int(minimum))

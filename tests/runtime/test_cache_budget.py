@@ -1,5 +1,6 @@
 """Caches against the device budget: an out-of-memory retry drops them first, and a plan on a (CPU-simulated)
-small card reserves the bytes they hold, or drops them when the plan would not fit beside them."""
+small card reserves the bytes they can reach, or shrinks them to what the plan leaves (nothing, when it leaves
+nothing). tests/runtime/test_cache_device_plan.py follows a chat on such a card."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lite.runtime.caches import RuntimeCaches
+from lite.runtime.caches import DEVICE_SHARE, RuntimeCaches
 from lite.runtime.condition_cache import condition_key
 from lite.runtime.pipeline import OvisPipeline
 from lite.runtime.planning import plan_workload
@@ -60,28 +61,32 @@ def _workload(pipe: OvisPipeline):
     return pipe.workload("t2i", 48, 32, nfe=4)
 
 
-def test_a_small_card_plan_reserves_what_the_caches_hold(pipe: OvisPipeline) -> None:
+def test_a_small_card_plan_reserves_what_the_caches_can_reach(pipe: OvisPipeline) -> None:
     wl = _workload(pipe)
     cfg, pp = pipe.model.config, pipe.pp
     minimum = plan_workload(pipe.model, cfg, pp, wl, 1 << 40)[1].min_budget_bytes
-    held = 64 << 10
-    budget = minimum + 3 * held
+    budget = 2 * minimum
     pipe.enable_offload(budget, simulate=True)
-    pipe.caches.conditions.put("kept", torch.zeros(held // 4))  # 64 KiB of float32
-    assert pipe.caches.bytes == held
+    reach = pipe.caches.reach_bytes
+    assert 0 < reach <= DEVICE_SHARE * budget  # paging starts: the caches get their share of the card
+    pipe.caches.conditions.put("kept", torch.zeros(64 << 8))  # 64 KiB of float32 held now
     _, with_cache = pipe.offload.plan_for(wl)
-    _, alone = plan_workload(pipe.model, cfg, pp, wl, budget - held)  # independent: the card minus the caches
+    _, alone = plan_workload(pipe.model, cfg, pp, wl, budget - reach)  # independent: the card minus the caches
+    assert with_cache.reserve_bytes == reach  # what they can reach, not the 64 KiB they hold now
     assert with_cache.resident_units == alone.resident_units
-    assert with_cache.planned_peak_bytes + held <= budget
-    assert with_cache.min_budget_bytes == alone.min_budget_bytes + held
+    assert with_cache.planned_peak_bytes + reach <= budget
+    assert with_cache.min_budget_bytes == alone.min_budget_bytes + reach
 
 
-def test_caches_that_a_plan_cannot_fit_beside_are_dropped(pipe: OvisPipeline, fresh: list[str]) -> None:
+def test_caches_that_a_plan_cannot_fit_beside_get_no_room(pipe: OvisPipeline, fresh: list[str]) -> None:
     wl = _workload(pipe)
     minimum = plan_workload(pipe.model, pipe.model.config, pipe.pp, wl, 1 << 40)[1].min_budget_bytes
     pipe.enable_offload(minimum, simulate=True)  # a card with room for the plan and nothing else
-    pipe.caches.conditions.put("kept", torch.zeros(4096))
+    pipe.caches.conditions.put("kept", torch.zeros(1024))
+    assert "kept" in pipe.caches.conditions
     _, planned = pipe.offload.plan_for(wl)
-    assert pipe.caches.bytes == 0 and "kept" not in pipe.caches.conditions
-    assert planned.planned_peak_bytes <= minimum and any("of caches to fit" in n for n in fresh)
-    pipe.generate("a red fox", seed=1, **SIZE)  # and the run goes on (its own conditions are kept again)
+    assert pipe.caches.bytes == 0 and pipe.caches.reach_bytes == 0 and "kept" not in pipe.caches.conditions
+    assert planned.planned_peak_bytes + planned.reserve_bytes <= minimum
+    assert any("device budget shrinks to 0 B" in n for n in fresh)
+    pipe.generate("a red fox", seed=1, **SIZE)  # and the run goes on, keeping nothing on the full card
+    assert pipe.caches.bytes == 0
