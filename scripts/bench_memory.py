@@ -10,6 +10,12 @@ off (`--steps 1 --cfg-interval 0 0`, NFE 1) exercises it: every condition built 
 all the image tokens, and the full-size VAE decode (and encode, for edits). Slow at 1024x1024 on 2 cores and several GB: run it
 under the heavy lock, one task per call if need be.
 
+`--vae-decode`: diffusers' plain `vae.decode` against `lite.runtime.lean_vae.lean_decode` on the full-size fp32
+VAE (random weights) at each `--sides` side, in one process: the peak RSS each adds over what was resident
+before it (VmHWM, reset through /proc/self/clear_refs), in full-resolution 128-channel maps, its seconds, and
+whether the two images are bitwise equal; then the plain `vae.encode` of a random image of that side (an
+edit's source), which runs as diffusers has it.
+
 `--runtime`: the RSS of the interpreter with the runtime imported, no weight (the plan's RUNTIME_* bytes).
 
 Default: activation peaks of the full-size VAE and Yak against the planner's estimates, measured with
@@ -105,6 +111,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--tasks", nargs="+", choices=("understand", "t2i", "edit"), help="measure whole CLI runs")
     ap.add_argument("--runtime", action="store_true", help="measure the runtime's own RSS (no weights)")
+    ap.add_argument("--vae-decode", action="store_true", help="plain vs lean VAE decode: peak, time, bitwise")
     ap.add_argument("--model", default="/work/fullsize", help="full-size checkpoint for --tasks")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--size", type=int, default=1024, help="image side for --tasks")
@@ -122,6 +129,10 @@ def main() -> None:
         print(json.dumps(rows, indent=2) if args.json else "\n".join(_task_line(r) for r in rows))
         return
     torch.set_num_threads(args.threads)
+    if args.vae_decode:
+        rows = vae_decode_rows(args.sides)
+        print(json.dumps(rows, indent=2) if args.json else "\n".join(_vae_line(r) for r in rows))
+        return
 
     from diffusers import AutoencoderKL
 
@@ -166,6 +177,63 @@ def main() -> None:
         for r in rows:
             print(f"{r['what']:<44} measured {r['measured_bytes'] / 2**20:8.1f} MiB   "
                   f"estimate {r['estimated_bytes'] / 2**20:8.1f} MiB")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit(f"/proc/self/status has no {field} (Linux only)")
+
+
+def _peak_over_resident(fn):
+    """(result, seconds, bytes the call's peak RSS rose above the RSS before it)."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_bytes("VmRSS")
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t, _status_bytes("VmHWM") - before
+
+
+def vae_decode_rows(sides: list[int]) -> list[dict]:
+    """Plain and lean decodes of one seeded latent per side, alternating, on the full-size fp32 VAE."""
+    from diffusers import AutoencoderKL
+
+    from lite.memory import trim_host_heap
+    from lite.model.config import parse_config
+    from lite.model.tiny import real_config_template
+    from lite.runtime.lean_vae import lean_decode
+
+    cfg = parse_config(real_config_template())
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(cfg.vae).eval()
+    rows = []
+    for side in sides:
+        z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(side))
+        full_map = cfg.vae["block_out_channels"][0] * side * side * 4
+        with torch.no_grad():
+            plain, plain_s, plain_peak = _peak_over_resident(lambda: vae.decode(z).sample)
+            trim_host_heap()
+            lean, lean_s, lean_peak = _peak_over_resident(lambda: lean_decode(vae, z))
+            trim_host_heap()
+            pixels = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1
+            _, encode_s, encode_peak = _peak_over_resident(lambda: vae.encode(pixels).latent_dist.mean)
+        rows.append({"what": f"VAE decode fp32 {side}x{side}", "bitwise_equal": bool(torch.equal(plain, lean)),
+                     "plain_peak_bytes": plain_peak, "lean_peak_bytes": lean_peak, "full_map_bytes": full_map,
+                     "plain_maps": round(plain_peak / full_map, 2), "lean_maps": round(lean_peak / full_map, 2),
+                     "plain_seconds": round(plain_s, 1), "lean_seconds": round(lean_s, 1),
+                     "encode_peak_bytes": encode_peak, "encode_maps": round(encode_peak / full_map, 2),
+                     "encode_seconds": round(encode_s, 1)})
+        del plain, lean
+        trim_host_heap()
+    return rows
+
+
+def _vae_line(r: dict) -> str:
+    return (f"{r['what']}: plain peak {r['plain_peak_bytes'] / GiB:.2f} GiB ({r['plain_maps']} maps, "
+            f"{r['plain_seconds']} s), lean {r['lean_peak_bytes'] / GiB:.2f} GiB ({r['lean_maps']} maps, "
+            f"{r['lean_seconds']} s), bitwise equal: {r['bitwise_equal']}; plain encode "
+            f"{r['encode_peak_bytes'] / GiB:.2f} GiB ({r['encode_maps']} maps, {r['encode_seconds']} s)")
 
 
 def _task_line(r: dict) -> str:

@@ -37,10 +37,6 @@ RUNTIME_MAPPED_BYTES = 448 << 20
 #: What the loader may hold at once beyond the converted weights: the mapped pages read since its last
 #: release (`lite.model.checkpoint.RELEASE_EVERY_BYTES`) plus the largest tensor's conversion transients.
 LOAD_WINDOW_BYTES = 1 << 30
-#: The fp32 VAE decode on a CPU holds more than the six full-resolution maps `memory_profile` counts: at
-#: 1024x1024 the `cpu` preset's t2i peaked at 6.09 GiB against a 5.19 GiB plan (scripts/bench_memory.py
-#: --tasks, full size, docs/BENCHMARKS.md "Host memory on CPU"), about 7.8 maps alive; planned at 1.35x.
-HOST_VAE_DECODE_FACTOR = 1.35
 PHASES = ("conditions", "denoise", "decode")
 
 
@@ -120,8 +116,7 @@ def host_plan(model: nn.Module, config: OvisU1Config, pp: PreprocessorConfig, wl
             anon_total += anon
             mapped += mapd
         mapped_by_unit.append((unit, mapped))
-    act = activation_bytes(config, pp, wl)
-    act["decode"] = int(act.get("decode", 0) * HOST_VAE_DECODE_FACTOR)
+    act = activation_bytes(config, pp, wl)  # the decode as run on a CPU (memory_profile.decode_activation)
     plan = HostPlan(weights_anon=anon_total, weights_mapped=sum(m for _, m in mapped_by_unit))
     base_anon = RUNTIME_ANON_BYTES + anon_total
     plan.phases["load"] = HostPhase(base_anon, RUNTIME_MAPPED_BYTES + LOAD_WINDOW_BYTES)

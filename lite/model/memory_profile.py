@@ -141,16 +141,66 @@ def _vae_side_activation(cfg: OvisU1Config, w: int, h: int, wl: Workload) -> int
     # Six full-resolution maps of the last up block are alive at once: measured 805 MB for an fp32
     # decode at 512x512 (6 x 128 channels x 4 B per pixel; scripts/bench_memory.py).
     full = 6 * channels[0] * w * h * b
+    return max(full, _mid_block_activation(channels, w, h, b, wl.device_type)) + 3 * w * h * 4
+
+
+def _mid_block_activation(channels: list[int], w: int, h: int, nbytes: int, device_type: str) -> int:
     mid = (w // 8) * (h // 8)
-    attn = _attention_scores(1, mid, mid, b, wl.device_type) + 4 * channels[-1] * mid * b
-    return max(full, attn) + 3 * w * h * 4
+    return _attention_scores(1, mid, mid, nbytes, device_type) + 4 * channels[-1] * mid * nbytes
+
+
+#: Input rows `lite.runtime.lean_vae` convolves at once, in bytes: a strip's temporaries are a few of these.
+VAE_STRIP_BYTES = 32 << 20
+#: Diffusers' plain decode on a CPU, in full-resolution maps of the last up block (the 6 the estimate above
+#: counts are too few there): 7.55 measured at 1024x1024 in fp32 (scripts/bench_memory.py --vae-decode).
+CPU_PLAIN_DECODE_MAPS = 7.6
+
+
+def lean_decode_activation(channels: list[int], w: int, h: int, nbytes: int) -> int:
+    """Peak of the CPU decode through `lite.runtime.lean_vae`, counted from the decoder's shapes.
+
+    Per up block (`cin` -> `cout` channels over `p` pixels): the 1x1 shortcut runs whole, so its input, oneDNN's
+    blocked copy of it and its blocked output are alive together (2 cin + cout); the strip-cut moments hold
+    the block's input or normalised input, the shortcut and a convolution's output (cin + 2 cout, 3 cout) plus
+    a few strips; the upsampler its input and its output at 4 p. At 1024x1024 the last block's shortcut
+    (2 x 256 + 128 channels, 2.5 GiB in fp32) is the peak: 2.505 GiB measured (scripts/bench_memory.py
+    --vae-decode, docs/BENCHMARKS.md "Host memory on CPU").
+    """
+    rev = list(reversed(channels))
+    whole, cut = 0, 0
+    for k, cout in enumerate(rev):
+        cin = rev[k - 1] if k else rev[0]
+        pixels = (w >> (len(rev) - 1 - k)) * (h >> (len(rev) - 1 - k))
+        if cin != cout:
+            whole = max(whole, (2 * cin + cout) * pixels)
+        cut = max(cut, (cin + 2 * cout) * pixels, 3 * cout * pixels)
+        if k < len(rev) - 1:
+            cut = max(cut, 5 * cout * pixels)
+    return max(whole * nbytes, cut * nbytes + 4 * VAE_STRIP_BYTES)
 
 
 def decode_activation(cfg: OvisU1Config, wl: Workload) -> int:
+    """The decode phase: the VAE decode (and an edit's encode of its source, which runs in the same units).
+
+    On a CPU an untiled decode runs through `lite.runtime.lean_vae` (`lean_decode_activation`); a tiled one is
+    diffusers' own (`CPU_PLAIN_DECODE_MAPS` per tile). The encode is diffusers' own everywhere.
+    """
     if wl.task == "understand":
         return 0
     w, h = wl.output_size
-    return _vae_side_activation(cfg, w, h, wl)
+    side = _vae_side_activation(cfg, w, h, wl)
+    if wl.device_type != "cpu":
+        return side
+    channels = list(cfg.vae.get("block_out_channels", [128, 256, 512, 512]))
+    b, image = wl.vae_dtype_bytes, 3 * w * h * 4  # the image, in fp32 then uint8
+    if wl.vae_tile is not None and max(w, h) > wl.vae_tile:
+        t = wl.vae_tile  # one tile decoded at a time; the decoded tiles and the blended image beside it
+        decode = max(int(CPU_PLAIN_DECODE_MAPS * channels[0] * t * t * b),
+                     _mid_block_activation(channels, t, t, b, "cpu")) + 2 * image
+    else:
+        decode = max(lean_decode_activation(channels, w, h, b), _mid_block_activation(channels, w, h, b, "cpu"))
+        decode += image
+    return max(decode, side) if wl.task == "edit" else decode
 
 
 # On CUDA, measured peaks (scripts/gpu_checks.sh, H100, full size, 1024^2) ran above the CPU-calibrated

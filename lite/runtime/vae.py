@@ -10,6 +10,7 @@ from PIL import Image
 from lite.errors import InputError
 from lite.model import latents
 from lite.model.processing import vae_pixels
+from lite.runtime.lean_vae import lean_decode
 
 
 def set_vae_tiling(vae: Any, tile: int | None, overlap: float = 0.25) -> None:
@@ -46,7 +47,10 @@ def encode_image(vae: Any, image: Image.Image, scaling: float, mode: str, seed: 
 
 @torch.no_grad()
 def decode_latent(vae: Any, packed: torch.Tensor, rows: int, cols: int, scaling: float) -> Image.Image:
-    """Unpack, divide by the scaling factor (no shift), decode, clamp and truncate to uint8."""
+    """Unpack, divide by the scaling factor (no shift), decode, clamp and truncate to uint8.
+
+    On a CPU the decoder runs through `lean_decode`: the same pixels, bit for bit, with about 5 full-resolution
+    maps alive at the peak instead of about 8 (docs/BENCHMARKS.md, "Host memory on CPU")."""
     z = latents.unpack(packed.float(), rows, cols) / scaling
-    decoded = vae.decode(z.to(vae.dtype)).sample
+    decoded = lean_decode(vae, z.to(vae.dtype))
     return Image.fromarray(latents.to_uint8(decoded).cpu().numpy())
