@@ -61,3 +61,11 @@ def check_engine(choice: EngineChoice, device: Any) -> None:
                           "drop --llm-engine or pass --device cpu")
     if not llama_cpp_installed():
         raise InputError(MISSING)
+
+
+def check_engine_source(choice: EngineChoice, directory: Any, prequantized: bool) -> None:
+    """llama.cpp exports the LLM from full-precision weights: a checkpoint written by `ovis-lite quantize` holds
+    ours (int4/int8 payloads), which it cannot read."""
+    if choice.name == "llama.cpp" and prequantized:
+        raise InputError(f"--llm-engine llama.cpp needs a plain checkpoint (bf16/fp32 weights), and {directory} was "
+                         "written by `ovis-lite quantize`; pass the original checkpoint, or drop --llm-engine")

@@ -185,6 +185,9 @@ def write_source_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
         with safe_open(shard, framework="pt") as fh:
             header = fh.get_slice(name)
             shape, stored = tuple(header.get_shape()), header.get_dtype()
+        if stored not in ("BF16", "F16", "F32") or not name.endswith(".weight"):
+            raise CheckpointError(f"{name} is stored as {stored}; the llama.cpp engine exports full-precision "
+                                  "weights only (a plain Hugging Face checkpoint)")
         dtype, nbytes, raw = _tensor_info(shape, stored, gguf)
         w.add_tensor_info(target, shape, dtype, nbytes, raw_dtype=raw)
     w.write_header_to_file()

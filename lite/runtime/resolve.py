@@ -17,7 +17,7 @@ from lite.model.checkpoint import CheckpointKind, checkpoint_kind, find_checkpoi
 from lite.model.config import OvisU1Config, PreprocessorConfig
 from lite.model.preflight import check_checkpoint_files
 from lite.runtime.devices import resolve_device, resolve_dtype
-from lite.runtime.engine_choice import EngineChoice, check_engine, parse_engine
+from lite.runtime.engine_choice import EngineChoice, check_engine, check_engine_source, parse_engine
 from lite.runtime.presets import Preset, get_preset
 
 
@@ -58,4 +58,5 @@ def resolve(path: str | Path | None = None, device: str | torch.device = "auto",
     check_engine(engine, dev)
     compute = None if dtype in (None, "auto") else resolve_dtype(dtype)
     directory, config, pp, kind = read_checkpoint(path)
+    check_engine_source(engine, directory, kind is CheckpointKind.PREQUANTIZED)
     return ResolvedRun(directory, config, pp, dev, compute, chosen, budget_bytes, kind, vae_dtype, progress, engine)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from lite.errors import DeviceError, InputError
 from lite.model.processing import Turn
 from lite.runtime import engine_choice
-from lite.runtime.engine_choice import EngineChoice, check_engine, parse_engine
+from lite.runtime.engine_choice import EngineChoice, check_engine, check_engine_source, parse_engine
 from lite.runtime.llama_gguf import gguf_name
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "ovis_u1_3b" / "tensors.json"
@@ -55,6 +55,32 @@ def test_missing_package_is_one_line(monkeypatch):
     monkeypatch.setattr(engine_choice, "llama_cpp_installed", lambda: False)
     with pytest.raises(InputError, match=r"pip install 'ovis-lite\[llamacpp\]'"):
         check_engine(EngineChoice("llama.cpp", "q4_0"), torch.device("cpu"))
+
+
+def test_a_prequantized_checkpoint_is_refused_before_loading():
+    with pytest.raises(InputError, match="needs a plain checkpoint"):
+        check_engine_source(EngineChoice("llama.cpp", "q4_0"), "ovis-balanced", prequantized=True)
+    check_engine_source(EngineChoice(), "ovis-balanced", prequantized=True)
+
+
+def test_export_refuses_weights_that_are_not_full_precision(tiny_dir, tmp_path, monkeypatch):
+    """A checkpoint whose LLM holds an int8 tensor (not ours to read) stops with one line naming it."""
+    pytest.importorskip("gguf")
+    from lite.errors import CheckpointError
+    from lite.model.config import load_config
+    from lite.runtime.llama_gguf import export_llm
+
+    monkeypatch.setenv("OVIS_LITE_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(n for n in sorted(tensors) if n.startswith("llm.model.layers.") and n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is stored as I8"):
+        export_llm(ckpt, load_config(ckpt), "q8_0")
+    assert not list((tmp_path / "cache").rglob("*.gguf*"))  # nothing half-written is left
 
 
 def test_every_llm_tensor_of_the_real_checkpoint_has_one_gguf_name():
