@@ -12,6 +12,10 @@ quantized to Q4_0 by `llama-quantize` (which keeps the tied output matrix at Q6_
 Ours runs through the path users hit: `OvisPipeline.understand` (text only, caches off so every round computes
 everything, as llama-bench does), the `cpu` preset, reading the `prefill` and `decode` phases it reports.
 Both run interleaved, `--rounds` rounds, `--threads` threads. Ratios are ours over theirs, in tok/s (median).
+
+With `--engines torch llama.cpp` (when llama-cpp-python is installed) the same `understand` calls also run
+through our optional llama.cpp engine (`--llm-engine llama.cpp`: the checkpoint's own LLM exported to Q4_0,
+fed our embeddings), in the same rounds; its ratios are reported as `llamacpp_engine_*`.
 """
 
 from __future__ import annotations
@@ -153,13 +157,14 @@ def llama_bench(binary: Path, model: Path, threads: int, prompt: int, gen: int, 
 class Ours:
     """Our `cpu`-preset pipeline, caches off, asked text-only questions of exact token counts."""
 
-    def __init__(self, checkpoint: str, threads: int) -> None:
+    def __init__(self, checkpoint: str, threads: int, engine: str = "torch") -> None:
         import torch
 
         from lite import OvisPipeline
 
         torch.set_num_threads(threads)
-        self.pipe = OvisPipeline.from_pretrained(checkpoint, device="cpu", preset="cpu", progress=False)
+        self.pipe = OvisPipeline.from_pretrained(checkpoint, device="cpu", preset="cpu", progress=False,
+                                                 llm_engine=engine)
         self.pipe.caches.set_enabled(False)
         calibration = self.question(8, seed=0)
         self.overhead = self.ask(calibration, 1)["prefill_tokens"] - self.count(calibration)  # the chat template
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--depth", type=int, default=600)
+    ap.add_argument("--engines", nargs="+", default=["torch"], choices=("torch", "llama.cpp"),
+                    help="our engines to measure (llama.cpp: the optional engine, needs llama-cpp-python)")
     ap.add_argument("--build-only", action="store_true", help="build the tools and the GGUF, measure nothing")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -219,23 +226,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(json.dumps({"llama_bench": str(bins["llama-bench"]), "gguf": str(model)}))
         return 0
-    ours = Ours(str(ckpt), args.threads)
+    engines = {name: Ours(str(ckpt), args.threads, name) for name in args.engines}
+    prefix = {"torch": "ours", "llama.cpp": "ours_llamacpp_engine"}
     rows: list[dict[str, Any]] = []
-    for r in range(args.rounds):  # interleaved: each round runs both, in the same order
+    for r in range(args.rounds):  # interleaved: each round runs all, in the same order
         row: dict[str, Any] = {"round": r + 1}
         row["llamacpp_prefill_tok_s"] = llama_bench(bins["llama-bench"], model, args.threads, args.prompt, 0, 0)
-        row["ours_prefill_tok_s"], row["ours_prefill"] = ours.prefill(args.prompt, seed=100 + r)
+        for name, ours in engines.items():
+            row[f"{prefix[name]}_prefill_tok_s"], row[f"{prefix[name]}_prefill"] = ours.prefill(args.prompt,
+                                                                                                 seed=100 + r)
         row["llamacpp_decode_tok_s"] = llama_bench(bins["llama-bench"], model, args.threads, 0, args.gen, args.depth)
-        row["ours_decode_tok_s"], row["ours_decode"] = ours.decode(args.depth, args.gen, seed=200 + r)
+        for name, ours in engines.items():
+            row[f"{prefix[name]}_decode_tok_s"], row[f"{prefix[name]}_decode"] = ours.decode(args.depth, args.gen,
+                                                                                             seed=200 + r)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    med = {k: statistics.median(row[k] for row in rows) for k in
-           ("llamacpp_prefill_tok_s", "ours_prefill_tok_s", "llamacpp_decode_tok_s", "ours_decode_tok_s")}
+    keys = ["llamacpp_prefill_tok_s", "llamacpp_decode_tok_s"] + [f"{prefix[n]}_{k}_tok_s" for n in engines
+                                                                  for k in ("prefill", "decode")]
+    med = {k: statistics.median(row[k] for row in rows) for k in keys}
     result = {"cpu": cpu_name(), "threads": args.threads, "rounds": rows, "median": med,
               "prefill_tokens": args.prompt, "decode_tokens": args.gen, "decode_depth": args.depth,
               "gguf": model.name, "llama_cpp": src.parent.name,
-              "prefill_ratio_vs_llamacpp": med["ours_prefill_tok_s"] / med["llamacpp_prefill_tok_s"],
-              "decode_ratio_vs_llamacpp": med["ours_decode_tok_s"] / med["llamacpp_decode_tok_s"]}
+              "decode_threads": {n: e.pipe.last_run.settings.get("decode_threads") for n, e in engines.items()}}
+    for name in engines:
+        tag = "" if name == "torch" else "llamacpp_engine_"
+        for phase in ("prefill", "decode"):
+            ratio = med[f"{prefix[name]}_{phase}_tok_s"] / med[f"llamacpp_{phase}_tok_s"]
+            result[f"{tag}{phase}_ratio_vs_llamacpp"] = ratio
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

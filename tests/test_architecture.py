@@ -215,7 +215,8 @@ def _function_level_imports(path: Path) -> list[tuple[int, str, bool]]:
 #: second or more; PIL and numpy are what `--help` must not import either (tests/cli/test_cli_help.py). psutil,
 #: tokenizers and safetensors take milliseconds: they are imported where they are used.
 HEAVY_LIBRARIES = frozenset({"torch", "transformers", "diffusers", "bitsandbytes", "optimum", "huggingface_hub",
-                             "uvicorn", "fastapi", "PIL", "numpy"})
+                             "uvicorn", "fastapi", "PIL", "numpy",
+                             "llama_cpp", "gguf"})  # the optional llama.cpp engine (a native library)
 
 
 def _module_level_lines(path: Path) -> set[int]:

@@ -137,6 +137,10 @@ def _ask_options(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass, when sampling")
     p.add_argument("-s", "--seed", type=types.seed, default=42,
                    help="sampling seed, when sampling (or `random` / -1)")
+    p.add_argument("--llm-engine", type=types.llm_engine, metavar="ENGINE",
+                   help="what runs the LLM: torch (default), or llama.cpp[:FORMAT] on the CPU (optional package "
+                        "llama-cpp-python; FORMAT q4_0 by default, or q4_k_m, q5_k_m, q6_k, q8_0, bf16, f32; the "
+                        "LLM is converted once and cached)")
 
 
 def _add_task_parsers(sub: Any) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lite.cli.report import load_report_cpu, notice, say
 from lite.errors import InputError, Notice
 from lite.runtime.cpu.threads import configure_threads as configure
+from lite.runtime.engine_choice import EngineChoice, check_engine, check_engine_source
 
 if TYPE_CHECKING:  # torch and the model layer load after the arguments are checked
     from lite.runtime.resolve import ResolvedRun
@@ -60,8 +61,11 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
 
     preset = get_preset(args.preset) if args.preset else None  # unknown names fail before anything loads
     device, fallback = resolve_device(args.device)
+    engine = getattr(args, "llm_engine", None) or EngineChoice()
+    check_engine(engine, device)  # llama.cpp: on the CPU, and installed
     notices = [fallback] if fallback else []
     directory, config, pp, kind = read_checkpoint(args.model)  # every file check before any weight is read
+    check_engine_source(engine, directory, kind.value == "prequantized")
     config.qwen3_config()  # transformers' own checks of llm_config, before anything loads
     machine = detect_machine(device, args.vram, args.ram)
     if preset is None:
@@ -77,7 +81,7 @@ def resolve_run(args: argparse.Namespace, task: str, width: int, height: int) ->
     dtype = resolve_dtype(args.dtype) if args.dtype != "auto" else None
     configure_threads(args.threads)
     resolved = ResolvedRun(directory, config, pp, device, dtype, preset, planning.effective_budget(preset, machine),
-                           kind, progress=progress_enabled(args))
+                           kind, progress=progress_enabled(args), llm_engine=engine)
     return RunConfig(resolved, machine, notices)
 
 
@@ -131,6 +135,11 @@ def load_pipeline(run: RunConfig, args: argparse.Namespace) -> Any:
                   f"host RssAnon peak {format_bytes(rep.peak_rss_anon_bytes)}")
     for line in load_report_cpu(pipe):  # the CPU plan (h1: surgical)
         say(args, line)
+    engine = getattr(pipe, "llm_engine", None)
+    if engine is not None:
+        say(args, f"ovis-lite: the LLM of understanding runs on llama.cpp ({engine.gguf_format}, "
+                  f"{format_bytes(engine.path.stat().st_size)} mapped from {engine.path}; its KV takes "
+                  f"{format_bytes(engine.kv_bytes_per_position * 1024)} per 1024 positions of context)")
     return pipe
 
 

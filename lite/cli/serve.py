@@ -67,6 +67,9 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="most new tokens per answer (default: 2048)")
     p.add_argument("--vram", help="choose the preset as if the GPU had this much free memory, e.g. 6GB")
     p.add_argument("--ram", help="choose the preset as if the host had this much RAM, e.g. 16GB")
+    p.add_argument("--llm-engine", type=types.llm_engine, metavar="ENGINE",
+                   help="what runs the LLM of chat: torch (default), or llama.cpp[:FORMAT] on the CPU (optional "
+                        "package llama-cpp-python; see `ovis-lite ask --help`)")
     p.add_argument("--no-cache", action="store_true",
                    help="keep nothing between requests (vision, prefix KV and condition caches off)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the number of physical cores)")

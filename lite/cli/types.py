@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import Any
 
 from offload.errors import UserError
 
+from lite.runtime.engine_choice import parse_engine  # light: no torch
 from lite.validation import parse_bytes
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0; noise for seed+i stays in range
@@ -70,6 +72,14 @@ def size(text: str) -> int:
     try:
         return parse_bytes(text)
     except (UserError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def llm_engine(text: str) -> Any:
+    """`torch`, `llama.cpp` or `llama.cpp:FORMAT` (`lite.runtime.engine_choice`)."""
+    try:
+        return parse_engine(text)
+    except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

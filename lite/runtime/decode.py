@@ -11,7 +11,7 @@ token-identical to `generate`'s and sampled ones have its semantics (and, seed f
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,15 +59,24 @@ def forward_last(llm: Any, cache: Cache, inputs_embeds: torch.Tensor | None = No
 
 def generate_tokens(llm: Any, cache: Cache, first_logits: torch.Tensor, sampling: Sampling, max_new_tokens: int,
                     eos_token_id: int, fed: list[int]) -> Iterator[int]:
+    """`tokens_from` over our LLM and its KV `cache` (`forward_last`)."""
+    return tokens_from(first_logits, sampling, max_new_tokens, eos_token_id,
+                       lambda token: forward_last(llm, cache, token=token), fed)
+
+
+def tokens_from(first_logits: torch.Tensor, sampling: Sampling, max_new_tokens: int, eos_token_id: int,
+                feed: Callable[[int], torch.Tensor], fed: list[int]) -> Iterator[int]:
     """Token ids, first from `first_logits` (the prompt's last position), until `eos_token_id` (yielded) or
-    `max_new_tokens`. Every token fed back into `cache` is appended to `fed` (the last one never is)."""
+    `max_new_tokens`. `feed(token)` runs one token through the LLM and gives the next logits [1, V] (the torch
+    path: `forward_last` over a KV cache; or `lite.runtime.llama_engine`); every token fed is appended to `fed`
+    (the last one never is)."""
     logits = first_logits
     for step in range(max_new_tokens):
         token = sampling.choose(logits)
         yield token
         if token == eos_token_id or step + 1 == max_new_tokens:
             return
-        logits = forward_last(llm, cache, token=token)
+        logits = feed(token)
         fed.append(token)
 
 

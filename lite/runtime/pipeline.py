@@ -40,6 +40,7 @@ from lite.runtime.host_pages import PhasePageRelease
 from lite.runtime.devices import dtype_label
 from lite.runtime.hardware import detect
 from lite.runtime.image_tasks import ImageTasks
+from lite.runtime.llama_engine import LlamaCppLLM
 from lite.runtime.loading import load_weights
 from lite.runtime.offload_session import OffloadSession
 from lite.runtime.presets import Preset
@@ -75,6 +76,7 @@ class OvisPipeline(ImageTasks):
         self.compute_reason: str | None = None  # why this compute dtype, for the load report
         self.cpu_plan: CpuPlan | None = None  # on a CPU: the kernels this process runs, each with its reason
         self.cpu_hooks: CpuHooks | None = None  # what the plan hooked on this model (removable; `plan_dict()`)
+        self.llm_engine: Any = None  # None: our LLM answers; else a `lite.runtime.llama_engine.LlamaCppLLM`
         self.caches = RuntimeCaches()  # vision, prefix KV and conditions kept between calls (lite.runtime.caches)
         self.notify: Callable[[str], None] = lambda message: None
         self.offload = OffloadSession(model, preprocessor, device, lambda message: self.notify(message),
@@ -85,7 +87,7 @@ class OvisPipeline(ImageTasks):
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = "auto", vae_dtype: torch.dtype = torch.float32,
                         preset: str | Preset | None = None, budget_bytes: int | None = None,
-                        progress: bool = True, cache: bool = True) -> "OvisPipeline":
+                        progress: bool = True, cache: bool = True, llm_engine: str = "torch") -> "OvisPipeline":
         """Load a checkpoint directory (or the HF cache, or a pre-quantized checkpoint).
 
         Without a preset: every weight in `dtype` (bf16 by default), the VAE in fp32 like the reference,
@@ -93,9 +95,10 @@ class OvisPipeline(ImageTasks):
         the tensors stream in, its sampler becomes the default of `generate`/`edit`, its VAE tiling is set,
         and on CUDA/MPS the weights stay on the host and page through the device inside `budget_bytes`
         (default: the preset's budget). An accelerator asked for by name must exist. `cache=False` turns
-        the caches between calls off (`pipe.caches`: vision, prefix KV, conditions).
+        the caches between calls off (`pipe.caches`: vision, prefix KV, conditions). `llm_engine="llama.cpp"`
+        (or `"llama.cpp:q8_0"`...) runs understanding's LLM through llama.cpp on the CPU (optional package).
         """
-        pipe = cls.load(resolve(path, device, dtype, vae_dtype, preset, budget_bytes, progress))
+        pipe = cls.load(resolve(path, device, dtype, vae_dtype, preset, budget_bytes, progress, llm_engine))
         pipe.caches.set_enabled(cache)
         return pipe
 
@@ -118,6 +121,9 @@ class OvisPipeline(ImageTasks):
             pipe.cpu_hooks = install_cpu_plan(model, pipe.cpu_plan, auto_dtype=auto)
             pipe.compute_dtype = pipe.cpu_hooks.compute_dtype
             pipe.compute_reason = pipe.cpu_plan.compute.reason if auto else None
+        if run.llm_engine.name == "llama.cpp":  # optional: the GGUF is exported once per checkpoint and format
+            pipe.llm_engine = LlamaCppLLM.open(run.directory, run.config, run.llm_engine.gguf_format,
+                                               lambda message: pipe.notify(message))
         return pipe
 
     # -- state --------------------------------------------------------------------------------------

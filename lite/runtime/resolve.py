@@ -17,6 +17,7 @@ from lite.model.checkpoint import CheckpointKind, checkpoint_kind, find_checkpoi
 from lite.model.config import OvisU1Config, PreprocessorConfig
 from lite.model.preflight import check_checkpoint_files
 from lite.runtime.devices import resolve_device, resolve_dtype
+from lite.runtime.engine_choice import EngineChoice, check_engine, check_engine_source, parse_engine
 from lite.runtime.presets import Preset, get_preset
 
 
@@ -34,6 +35,7 @@ class ResolvedRun:
     kind: CheckpointKind  # plain, or written by `ovis-lite quantize` (its own formats win): decided once
     vae_dtype: torch.dtype = torch.float32
     progress: bool = True
+    llm_engine: EngineChoice = EngineChoice()  # what runs understanding's LLM (checked: `check_engine`)
 
 
 def read_checkpoint(path: str | Path | None) -> tuple[Path, OvisU1Config, PreprocessorConfig, CheckpointKind]:
@@ -48,10 +50,13 @@ def read_checkpoint(path: str | Path | None) -> tuple[Path, OvisU1Config, Prepro
 def resolve(path: str | Path | None = None, device: str | torch.device = "auto",
             dtype: str | torch.dtype | None = "auto", vae_dtype: torch.dtype = torch.float32,
             preset: str | Preset | None = None, budget_bytes: int | None = None,
-            progress: bool = True) -> ResolvedRun:
+            progress: bool = True, llm_engine: str | EngineChoice = "torch") -> ResolvedRun:
     """The Python API's resolution: an accelerator asked for by name must exist (no silent CPU fallback)."""
     chosen = get_preset(preset) if preset is not None else None
     dev, _ = resolve_device(device, strict=True)
+    engine = llm_engine if isinstance(llm_engine, EngineChoice) else parse_engine(llm_engine)
+    check_engine(engine, dev)
     compute = None if dtype in (None, "auto") else resolve_dtype(dtype)
     directory, config, pp, kind = read_checkpoint(path)
-    return ResolvedRun(directory, config, pp, dev, compute, chosen, budget_bytes, kind, vae_dtype, progress)
+    check_engine_source(engine, directory, kind is CheckpointKind.PREQUANTIZED)
+    return ResolvedRun(directory, config, pp, dev, compute, chosen, budget_bytes, kind, vae_dtype, progress, engine)

@@ -14,7 +14,7 @@ position and the rest is prefilled: the result is always that of a full prefill.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from lite.model.processing import preprocess_image, tokenize_with_images, truncate_left
-from lite.runtime.decode import Sampling, TextPieces, forward_last, generate_tokens, timed
+from lite.runtime.decode import Sampling, TextPieces, forward_last, timed, tokens_from
 from lite.runtime.decode_threads import CoreWindow
 from lite.runtime.kv_cache import PositionKey, keep, longest_prefix, new_cache
 from lite.runtime.vision import visual_embeddings
@@ -85,30 +85,25 @@ def answer_tokens(pipe: Any, text: str, images: list[Image.Image], sampling: Sam
     seconds since `start`), `stats.tokens` and `stats.cache`. Closing the iterator stops the decode
     cleanly, and what was computed up to then is kept for the next call."""
     model, caches = pipe.model, pipe.caches
-    llm = model.llm
     clock: dict[str, float] = stats.phases
     with torch.no_grad():
         prompt = build_prompt(pipe, text, images, clock)
-    store = caches.prefix_kv
-    prefix, shared = longest_prefix(store, prompt.positions)
-    reuse = min(shared, len(prompt.positions) - 1)  # the last position is always run: its logits pick token 1
-    store.count("reused_tokens", reuse)
-    new_tokens = len(prompt.positions) - reuse
-    store.count("prefilled_tokens", new_tokens)
-    stats.cache = {"prefix_tokens_reused": reuse, "prefill_tokens": new_tokens}
     window = CoreWindow.start() if pipe.device.type == "cpu" else None
     t0 = time.perf_counter()
-    cache = new_cache(llm.config.num_hidden_layers, len(prompt.positions) + max_new_tokens, prefix, reuse)
+    engine = getattr(pipe, "llm_engine", None)
+    run = (LlamaCppRun(engine, model, caches, prompt, max_new_tokens) if engine is not None
+           else TorchRun(model.llm, caches, prompt, max_new_tokens))
     with torch.no_grad():
-        logits = forward_last(llm, cache, inputs_embeds=prompt.embeds[:, reuse:])
+        logits = run.prefill()
     timed(clock, "prefill", t0)
+    stats.cache = {"prefix_tokens_reused": run.reused, "prefill_tokens": len(prompt.positions) - run.reused}
     threads = None
     if window is not None:
         threads, reason = window.decode_threads(torch.get_num_threads())
         stats.settings["decode_threads"] = threads
         stats.settings["decode_threads_reason"] = reason
     fed: list[int] = []
-    tokens = generate_tokens(llm, cache, logits, sampling, max_new_tokens, model.config.eos_token_id, fed)
+    tokens = tokens_from(logits, sampling, max_new_tokens, model.config.eos_token_id, run.feed_for(threads), fed)
     t0 = time.perf_counter()
     before = torch.get_num_threads()
     try:
@@ -127,6 +122,64 @@ def answer_tokens(pipe: Any, text: str, images: list[Image.Image], sampling: Sam
         torch.set_num_threads(before)
         timed(clock, "decode", t0)
         tokens.close()
-        if store.enabled:
-            keep(store, cache, prompt.positions + tuple(fed))
+        run.keep(prompt.positions + tuple(fed))
         stats.cache.update(caches.stats())
+        stats.cache.update(run.extra_stats())
+
+
+class TorchRun:
+    """The prompt through our LLM over a KV cache that starts from the longest kept snapshot's prefix."""
+
+    def __init__(self, llm: Any, caches: Any, prompt: Prompt, max_new_tokens: int) -> None:
+        self.llm, self.store, self.prompt = llm, caches.prefix_kv, prompt
+        prefix, shared = longest_prefix(self.store, prompt.positions)
+        self.reused = min(shared, len(prompt.positions) - 1)  # the last position always runs: it picks token 1
+        self.store.count("reused_tokens", self.reused)
+        self.store.count("prefilled_tokens", len(prompt.positions) - self.reused)
+        self.cache = new_cache(llm.config.num_hidden_layers, len(prompt.positions) + max_new_tokens, prefix,
+                               self.reused)
+
+    def prefill(self) -> torch.Tensor:
+        return forward_last(self.llm, self.cache, inputs_embeds=self.prompt.embeds[:, self.reused:])
+
+    def feed_for(self, threads: int | None) -> Callable[[int], torch.Tensor]:
+        return lambda token: forward_last(self.llm, self.cache, token=token)
+
+    def keep(self, positions: PositionKey) -> None:
+        if self.store.enabled:
+            keep(self.store, self.cache, positions)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {}
+
+
+class LlamaCppRun:
+    """The prompt through llama.cpp (`lite.runtime.llama_engine`): its one-sequence KV keeps the longest
+    common prefix when the prefix cache is on, and nothing between calls when it is off."""
+
+    def __init__(self, engine: Any, model: Any, caches: Any, prompt: Prompt, max_new_tokens: int) -> None:
+        self.engine, self.store, self.prompt, self.room = engine, caches.prefix_kv, prompt, max_new_tokens
+        self.embed = model.llm.get_input_embeddings()
+        self.reused = 0
+
+    def prefill(self) -> torch.Tensor:
+        positions = self.prompt.positions
+        limit = len(positions) - 1 if self.store.enabled else 0
+        self.engine.set_threads(torch.get_num_threads(), torch.get_num_threads())
+        logits, self.reused = self.engine.prefill(self.prompt.embeds, positions, limit, self.room)
+        self.store.count("reused_tokens", self.reused)
+        self.store.count("prefilled_tokens", len(positions) - self.reused)
+        return logits
+
+    def feed_for(self, threads: int | None) -> Callable[[int], torch.Tensor]:
+        if threads is not None:
+            self.engine.set_threads(threads, torch.get_num_threads())
+        device = self.prompt.embeds.device
+        return lambda token: self.engine.step(self.embed(torch.tensor([token], device=device))[0], token)
+
+    def keep(self, positions: PositionKey) -> None:
+        if not self.store.enabled:
+            self.engine.forget()
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"llm_engine": f"llama.cpp:{self.engine.gguf_format}", "llama_kv_bytes": self.engine.kv_bytes()}

@@ -62,6 +62,8 @@ async def health(request: Request) -> Response:
             "limits": vars(server.limits), "queue_length": len(server.queue)}
     hooks = getattr(server.pipe, "cpu_hooks", None)  # the CPU kernels this process runs (h1: surgical)
     body["cpu_plan"] = hooks.plan_dict() if hooks is not None else None
+    engine = getattr(server.pipe, "llm_engine", None)  # what answers chat: ours, or llama.cpp (--llm-engine)
+    body["llm_engine"] = "torch" if engine is None else f"llama.cpp:{engine.gguf_format}"
     return JSONResponse(body, status_code=status)
 
 
