@@ -68,6 +68,9 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="also time every ovis-lite command from this other checkout (e.g. `git archive` of an older "
+                         "commit), in the same rounds: its rows end in ' [baseline]'")
     args = ap.parse_args()
     from lite.model.tiny import make_tiny
 
@@ -75,11 +78,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         tiny = make_tiny(Path(work) / "tiny")
         cmds = commands(tiny, tagged_png(Path(work) / "tagged.png"))
+        where: dict[str, tuple[dict[str, str] | None, str | None]] = dict.fromkeys(cmds, (None, None))
+        if args.baseline is not None:  # `-m lite` finds the package in the working directory first
+            checkout = str(args.baseline.resolve())
+            for name, cmd in list(cmds.items()):
+                if name.startswith("ovis-lite"):
+                    cmds[f"{name} [baseline]"] = cmd
+                    where[f"{name} [baseline]"] = (dict(os.environ, PYTHONPATH=checkout), checkout)
         times: dict[str, list[float]] = {k: [] for k in cmds}
         for _ in range(args.rounds):
             for name, cmd in cmds.items():
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=where[name][0], cwd=where[name][1])
                 times[name].append(time.perf_counter() - t0)
                 if proc.returncode != 0:
                     raise SystemExit(f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -97,7 +107,7 @@ def main() -> None:
         for k in med:
             target = f"  (target <= {TARGETS[k]}x: {'met' if ratio[k] <= TARGETS[k] else 'NOT met'})" \
                 if k in TARGETS else ""
-            print(f"{k:<22} {med[k]:6.2f} s  {ratio[k]:5.2f}x import torch{target}")
+            print(f"{k:<34} {med[k]:6.2f} s  {ratio[k]:5.2f}x import torch{target}")
 
 
 if __name__ == "__main__":

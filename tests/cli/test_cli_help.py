@@ -130,3 +130,20 @@ def test_ask_imports_no_image_or_quantization_library(tiny_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == "IMPORTED=", proc.stderr[-2000:]
+
+
+def test_the_real_process_freezes_what_torch_leaves_and_a_host_program_keeps_its_gc():
+    """`ovis-lite` itself (argv from the process) moves torch's import-time objects out of the cyclic GC's reach
+    once torch is imported (start-up: each full collection re-scanned them); `main([...])` called from another
+    program never touches that program's GC."""
+    code = ("import gc, sys\nfrom lite.cli.main import main\nsys.argv = ['ovis-lite', 'presets', '--json']\n"
+            "code = main()\nprint('FROZEN', gc.get_freeze_count(), 'torch' in sys.modules, file=sys.stderr)\n"
+            "sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frozen, torch_loaded = proc.stderr.split("FROZEN")[-1].split()
+    assert torch_loaded == "True" and int(frozen) > 100_000, proc.stderr[-500:]
+    code = ("import gc, sys\nfrom lite.cli.main import main\ncode = main(['presets', '--json'])\n"
+            "print('FROZEN', gc.get_freeze_count(), file=sys.stderr)\nsys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr.split("FROZEN")[-1].split() == ["0"], proc.stderr[-500:]
