@@ -98,13 +98,13 @@ def png_data_uri(image) -> str:
 
 
 def server_turns(model: Path, preset: str, threads: int, image, new_tokens: int, turns: int,
-                 cache: bool = True) -> list[dict]:
+                 cache: bool = True, engine: str = "torch") -> list[dict]:
     """The turns through the `openai` client against a fresh `serve` process, streamed; the history resent."""
     from openai import OpenAI
 
     from lite.server.launch import ServerProcess
 
-    extra = [] if cache else ["--no-cache"]
+    extra = ([] if cache else ["--no-cache"]) + ["--llm-engine", engine]
     messages: list[dict] = []
     out = []
     with ServerProcess("--model", str(model), "--device", "cpu", "--preset", preset, "--threads", str(threads),
@@ -138,7 +138,8 @@ def server_turns(model: Path, preset: str, threads: int, image, new_tokens: int,
 
 def server_main(args, model: Path, image) -> dict:
     """`--server`: the turns through the server, then (unless --no-compare) through one with the caches off."""
-    cached = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns)
+    cached = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns,
+                          engine=args.llm_engine)
     result = {"mode": "server, openai client, streamed", "turns": cached}
     for i, turn in enumerate(cached, 1):
         result[f"turn{i}_ttft_s"] = turn["ttft_s"]
@@ -146,7 +147,8 @@ def server_main(args, model: Path, image) -> dict:
         result["followup_ttft_ratio"] = cached[1]["ttft_s"] / cached[0]["ttft_s"]
         result["followup_ttft_ratios"] = [t["ttft_s"] / cached[0]["ttft_s"] for t in cached[1:]]
     if not args.no_compare:
-        plain = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns, cache=False)
+        plain = server_turns(model, args.preset, args.threads, image, args.new_tokens, args.turns, cache=False,
+                             engine=args.llm_engine)
         result["without_cache"] = [{k: t[k] for k in ("ttft_s", "seconds")} for t in plain]
         result["answers_identical_without_cache"] = [a["answer"] for a in cached] == [b["answer"] for b in plain]
     return result
@@ -164,6 +166,8 @@ def main() -> None:
     ap.add_argument("--no-compare", action="store_true", help="skip the run without caches")
     ap.add_argument("--server", action="store_true",
                     help="through `ovis-lite serve` and the official openai client instead of the Python API")
+    ap.add_argument("--llm-engine", default="torch",
+                    help="what runs the LLM: torch (default) or llama.cpp[:FORMAT] (the optional engine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -185,12 +189,14 @@ def main() -> None:
         return
     configure_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = OvisPipeline.from_pretrained(model, device="cpu", preset=args.preset, progress=False)
+    pipe = OvisPipeline.from_pretrained(model, device="cpu", preset=args.preset, progress=False,
+                                        llm_engine=args.llm_engine)
     load_s = time.perf_counter() - t0
     print(f"loaded in {load_s:.1f} s", file=sys.stderr, flush=True)
     cached = run_turns(pipe, image, args.new_tokens, args.turns)
     result = {"cpu": detect().to_dict(), "preset": args.preset, "threads": args.threads, "size": args.size,
-              "new_tokens": args.new_tokens, "load_s": round(load_s, 1), "turns": cached}
+              "llm_engine": args.llm_engine, "new_tokens": args.new_tokens, "load_s": round(load_s, 1),
+              "turns": cached}
     for i, turn in enumerate(cached, 1):
         result[f"turn{i}_ttft_s"] = turn["ttft_s"]
     result["followup_ttft_ratio"] = cached[1]["ttft_s"] / cached[0]["ttft_s"]

@@ -154,6 +154,9 @@ VAE_STRIP_BYTES = 32 << 20
 #: Diffusers' plain decode on a CPU, in full-resolution maps of the last up block (the 6 the estimate above
 #: counts are too few there): 7.55 measured at 1024x1024 in fp32 (scripts/bench_memory.py --vae-decode).
 CPU_PLAIN_DECODE_MAPS = 7.6
+#: Diffusers' encode on a CPU (an edit's source), in the same maps: 5.0 measured at 1024x1024 in fp32 (its
+#: widest moment holds 128-channel maps only).
+CPU_PLAIN_ENCODE_MAPS = 5.0
 
 
 def lean_decode_activation(channels: list[int], w: int, h: int, nbytes: int) -> int:
@@ -183,24 +186,28 @@ def decode_activation(cfg: OvisU1Config, wl: Workload) -> int:
     """The decode phase: the VAE decode (and an edit's encode of its source, which runs in the same units).
 
     On a CPU an untiled decode runs through `lite.runtime.lean_vae` (`lean_decode_activation`); a tiled one is
-    diffusers' own (`CPU_PLAIN_DECODE_MAPS` per tile). The encode is diffusers' own everywhere.
+    diffusers' own (`CPU_PLAIN_DECODE_MAPS` per tile). The encode is diffusers' own everywhere (on a CPU,
+    `CPU_PLAIN_ENCODE_MAPS` of its own side or of a tile).
     """
     if wl.task == "understand":
         return 0
     w, h = wl.output_size
-    side = _vae_side_activation(cfg, w, h, wl)
     if wl.device_type != "cpu":
-        return side
+        return _vae_side_activation(cfg, w, h, wl)
     channels = list(cfg.vae.get("block_out_channels", [128, 256, 512, 512]))
     b, image = wl.vae_dtype_bytes, 3 * w * h * 4  # the image, in fp32 then uint8
-    if wl.vae_tile is not None and max(w, h) > wl.vae_tile:
+    tiled = wl.vae_tile is not None and max(w, h) > wl.vae_tile
+    if tiled:
         t = wl.vae_tile  # one tile decoded at a time; the decoded tiles and the blended image beside it
         decode = max(int(CPU_PLAIN_DECODE_MAPS * channels[0] * t * t * b),
                      _mid_block_activation(channels, t, t, b, "cpu")) + 2 * image
     else:
         decode = max(lean_decode_activation(channels, w, h, b), _mid_block_activation(channels, w, h, b, "cpu"))
         decode += image
-    return max(decode, side) if wl.task == "edit" else decode
+    if wl.task != "edit":
+        return decode
+    pixels = wl.vae_tile ** 2 if tiled else w * h
+    return max(decode, int(CPU_PLAIN_ENCODE_MAPS * channels[0] * pixels * b) + image)
 
 
 # On CUDA, measured peaks (scripts/gpu_checks.sh, H100, full size, 1024^2) ran above the CPU-calibrated

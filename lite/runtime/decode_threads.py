@@ -93,12 +93,13 @@ class CoreWindow:
         others = (busy - self.busy_ticks) / hz - (_own_cpu_seconds() - self.own_seconds)
         return max(others, 0.0) / elapsed
 
-    def decode_threads(self, limit: int) -> tuple[int, str]:
-        """Threads for the decode that follows (1..`limit`) and the reading it was decided from."""
+    def decode_threads(self, limit: int, spinning: bool = False) -> tuple[int, str]:
+        """Threads for the decode that follows (1..`limit`) and the reading it was decided from. `spinning`: the
+        decode's threads spin at their barriers whatever OpenMP's policy (llama.cpp's thread pool)."""
         pinned = pinned_threads(limit)
         if pinned is not None:
             return pinned, f"pinned by ${PIN_ENV}: {pinned} decode thread(s)"
-        if waits_passively():
+        if waits_passively() and not spinning:
             return limit, f"idle OpenMP threads sleep (PASSIVE): all {limit} decode thread(s), loaded or not"
         others = self.others_busy_cores()
         if others is None:

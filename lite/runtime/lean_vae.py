@@ -100,9 +100,10 @@ def _conv_ok(conv: Any) -> bool:
 
 def _resnet_ok(r: Any) -> bool:
     return (type(r).__name__ == "ResnetBlock2D" and r.upsample is None and r.downsample is None
-            and r.time_emb_proj is None and r.time_embedding_norm in ("default", "group") and isinstance(r.nonlinearity, nn.SiLU)
-            and isinstance(r.norm1, nn.GroupNorm) and isinstance(r.norm2, nn.GroupNorm) and r.norm1.affine
-            and r.norm2.affine and _conv_ok(r.conv1) and _conv_ok(r.conv2)
+            and r.time_emb_proj is None and r.time_embedding_norm in ("default", "group")
+            and isinstance(r.nonlinearity, nn.SiLU) and isinstance(r.norm1, nn.GroupNorm)
+            and isinstance(r.norm2, nn.GroupNorm) and r.norm1.affine and r.norm2.affine
+            and _conv_ok(r.conv1) and _conv_ok(r.conv2)
             and (r.conv_shortcut is None or _conv_ok(r.conv_shortcut)))
 
 

@@ -99,7 +99,7 @@ def answer_tokens(pipe: Any, text: str, images: list[Image.Image], sampling: Sam
     stats.cache = {"prefix_tokens_reused": run.reused, "prefill_tokens": len(prompt.positions) - run.reused}
     threads = None
     if window is not None:
-        threads, reason = window.decode_threads(torch.get_num_threads())
+        threads, reason = window.decode_threads(torch.get_num_threads(), spinning=engine is not None)
         stats.settings["decode_threads"] = threads
         stats.settings["decode_threads_reason"] = reason
     fed: list[int] = []

@@ -17,11 +17,6 @@ from lite.model.processing import T2I_PREFIX
 SIZE = dict(width=48, height=32, steps=2)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_dir) -> OvisPipeline:
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
-
-
 @pytest.fixture(autouse=True)
 def fresh(pipe: OvisPipeline):
     pipe.caches = RuntimeCaches()

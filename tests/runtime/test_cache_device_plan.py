@@ -22,11 +22,6 @@ from lite.runtime.planning import plan_workload
 QUESTIONS = ("What is it?", "And its colours?", "Why?")
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_dir) -> OvisPipeline:
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
-
-
 @pytest.fixture(autouse=True)
 def fresh(pipe: OvisPipeline):
     pipe.caches = RuntimeCaches()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lite.runtime.caches import RuntimeCaches
@@ -13,11 +12,6 @@ from lite.runtime.condition_cache import condition_key, image_digest
 from lite.runtime.pipeline import OvisPipeline
 
 SIZE = dict(width=48, height=32, steps=2)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir) -> OvisPipeline:
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
 
 
 @pytest.fixture(autouse=True)

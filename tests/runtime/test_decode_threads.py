@@ -71,6 +71,8 @@ def test_passive_openmp_threads_decode_with_every_thread_whatever_the_load(monke
     monkeypatch.setattr(PROCESS, "wait", WaitPolicy("PASSIVE", "test"))
     threads, reason = dt.CoreWindow.start().decode_threads(2)
     assert threads == 2 and "PASSIVE" in reason
+    # llama.cpp's pool spins at its barriers whatever OpenMP does: the free cores again
+    assert dt.CoreWindow.start().decode_threads(2, spinning=True)[0] == 1
     monkeypatch.setattr(PROCESS, "wait", None)
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # the API without the CLI: the environment says it
     assert dt.waits_passively()

@@ -27,11 +27,6 @@ def golden_pipe(golden_model):
                         torch.device("cpu"), progress=False)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
-
-
 def _assert_u8_close(ours: Image.Image, expected: torch.Tensor) -> None:
     a = np.asarray(ours).astype(int)
     b = expected[0].numpy().astype(int)

@@ -19,11 +19,6 @@ from lite.runtime.presets import PRESETS
 SRC = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 56, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
-
-
 def test_a_preset_sets_the_sampler_of_the_api(tiny_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -83,7 +78,6 @@ def test_the_step_callback_sees_every_step_and_can_stop(pipe):
     assert calls == [(1, 3, (1, 4, 6, 4)), (2, 3, (1, 4, 6, 4)), (3, 3, (1, 4, 6, 4))]
     preview = pipe.preview(torch.zeros(1, 4, 6, 4))
     assert preview.size == (4, 6) and preview.mode == "RGB"
-
 
 
 def test_a_callback_returning_false_stops_quietly_with_the_latent_decoded(pipe):

@@ -4,16 +4,7 @@ all its turns, and the images are bitwise those computed without the cache."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
-
-from lite.runtime.pipeline import OvisPipeline
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return OvisPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32, progress=False)
 
 
 def _count_vit_images(pipe, run) -> int:

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 #: the LLM is left alone: its dense layers run on one row at every decode step, where packing gains nothing.
 PACKED_COMPONENTS: tuple[str, ...] = ("vision", "yak")
 #: How a decode step's threads are chosen (by the decode loop, per call; recorded here with its reason).
-DECODE_THREADS_POLICY = ("per call: the cores other processes leave free (lite/runtime/decode_threads.py)",
-                         "a decode step is a chain of memory-bound matrix-vector products between OpenMP barriers: "
-                         "a thread on a core another process holds makes every barrier wait (2-30x slower on a "
-                         "shared 2-core AMD EPYC), while free cores share the bandwidth")
+DECODE_THREADS_POLICY = ("per call: every thread when idle OpenMP threads sleep (PASSIVE), else the cores other "
+                         "processes leave free; the llama.cpp engine, whose barriers spin, always the free cores "
+                         "(lite/runtime/decode_threads.py)",
+                         "a decode step is a chain of memory-bound matrix-vector products between barriers: a "
+                         "spinning thread on a core another process holds makes every barrier wait (2-30x slower on "
+                         "a shared 2-core AMD EPYC), a sleeping one yields it; free cores share the bandwidth")
 
 
 @dataclass(frozen=True)
