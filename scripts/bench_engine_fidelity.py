@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpuname
 
+from cpuname import cpu_name  # noqa: E402
 from lite import OvisPipeline  # noqa: E402
 from lite.model.config import load_config  # noqa: E402
 from lite.model.processing import understanding_prompt  # noqa: E402
@@ -109,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = {"torch:cpu-preset": torch_cpu_preset(args.checkpoint, seqs)}
     for fmt in args.formats:
         engines[f"llama.cpp:{fmt}"] = llama_engine(args.checkpoint, fmt, seqs)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "")
-    result = {"cpu": cpu, "prompts": args.prompts, "tokens": args.tokens,
+    result = {"cpu": cpu_name(), "prompts": args.prompts, "tokens": args.tokens,
               "engines": {name: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
                           for name, rows in engines.items()}}
     print(json.dumps(result, indent=None if args.json else 2))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpuname, also when imported by a test
+from cpuname import cpu_name  # noqa: E402
 
 SDIST = "llama-cpp-python"
 TOOLS = ("llama-bench", "llama-quantize")
@@ -194,13 +196,6 @@ class Ours:
     def decode(self, depth: int, tokens: int, seed: int) -> tuple[float, dict[str, Any]]:
         r = self.ask(self.question(depth - self.overhead, seed), tokens + 1)  # token 1: the prefill's logits
         return (r["tokens"] - 1) / r["decode_s"], r
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpuname, also when imported by a test
+from cpuname import cpu_name  # noqa: E402
 
 TARGETS = {"ovis-lite presets": 1.5, "ovis-lite plan": 1.5, "ovis-lite info": 1.5, "ovis-lite inspect": 1.5,
            "ovis-lite ask (tiny)": 3.0}
@@ -36,17 +38,6 @@ def tagged_png(path: Path) -> Path:
     info.add_text("ovis-lite", json.dumps({"task": "t2i", "prompt": "a fox", "seed": 7, "steps": 8}))
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     return path
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), for the record beside the numbers."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def commands(tiny: Path, image: Path) -> dict[str, list[str]]:
