@@ -26,6 +26,7 @@ import torch
 
 from lite.errors import CheckpointError, InputError
 from lite.runtime.engine_choice import MISSING
+from lite.runtime.kv_cache import common_prefix
 from lite.runtime.llama_gguf import export_llm, quiet_logs
 
 CHUNK = 512  # positions per llama_decode call in a prefill (llama.cpp's default micro-batch)
@@ -44,7 +45,7 @@ class LlamaCppLLM:
     _ctx: Any = field(default=None, repr=False)
     kv_bytes_per_position: int = 0  # f16 K and V of every layer (llama.cpp's default cache type)
     n_ctx: int = 0
-    held: tuple = ()  # the identity of each position in the KV, in order
+    held: list = field(default_factory=list)  # the identity of each position in the KV, in order
     threads: tuple[int, int] = (0, 0)  # (decode, prefill) threads the context was last given
 
     @classmethod
@@ -76,12 +77,15 @@ class LlamaCppLLM:
         lib = self._lib
         if self._ctx is not None:
             lib.llama_free(self._ctx)
-            self._ctx, self.held = None, ()
+            self._ctx = None
+            self.held.clear()
         params = lib.llama_context_default_params()
         params.n_ctx = max(2048, -(-positions // 1024) * 1024)
         params.n_batch = params.n_ubatch = CHUNK
         params.n_seq_max = 1
         params.no_perf = True
+        if self.threads != (0, 0):  # the threads last asked for (llama.cpp's default is 4, whatever the cores)
+            params.n_threads, params.n_threads_batch = self.threads
         ctx = lib.llama_init_from_model(self._model, params)
         if not ctx:
             raise CheckpointError(f"llama.cpp could not make a context of {params.n_ctx} positions")
@@ -91,25 +95,19 @@ class LlamaCppLLM:
         """Host bytes of the context's KV, allocated whole when the context is made."""
         return self.n_ctx * self.kv_bytes_per_position if self._ctx is not None else 0
 
-    def common_prefix(self, positions: tuple) -> int:
-        n = 0
-        for a, b in zip(self.held, positions):
-            if a != b:
-                break
-            n += 1
-        return n
-
     def forget(self) -> None:
         """Empty the KV (the cache switched off or cleared)."""
         if self._ctx is not None:
             self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
-        self.held = ()
+        self.held.clear()
 
     def set_threads(self, decode: int, prefill: int) -> None:
-        """llama.cpp's threads for one-position calls (`decode`) and for batches (`prefill`)."""
-        if self._ctx is not None and (decode, prefill) != self.threads:
-            self._lib.llama_set_n_threads(self._ctx, decode, prefill)
+        """llama.cpp's threads for one-position calls (`decode`) and for batches (`prefill`), kept for a
+        context made later."""
+        if (decode, prefill) != self.threads:
             self.threads = (decode, prefill)
+            if self._ctx is not None:
+                self._lib.llama_set_n_threads(self._ctx, decode, prefill)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -117,16 +115,16 @@ class LlamaCppLLM:
         """Feed `embeds` [1, L, H] whose positions are `positions`, keeping the longest prefix of the KV that
         matches (at most `reuse_limit`): (the float32 logits [1, V] of the last position, positions reused)."""
         self._ensure_context(len(positions) + room)
-        reuse = min(self.common_prefix(positions), reuse_limit)
+        reuse = min(common_prefix(self.held, positions), reuse_limit)
         self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self._ctx), 0, reuse, -1)
-        self.held = self.held[:reuse]
+        del self.held[reuse:]
         rows = embeds[0, reuse:].to(torch.float32).contiguous().numpy()
         logits = None
         for start in range(0, rows.shape[0], CHUNK):
             part = rows[start:start + CHUNK]
             last = start + part.shape[0] == rows.shape[0]
             logits = self._decode(part, reuse + start, want_logits=last)
-            self.held = self.held + tuple(positions[reuse + start:reuse + start + part.shape[0]])
+            self.held.extend(positions[reuse + start:reuse + start + part.shape[0]])
         assert logits is not None
         return logits, reuse
 
@@ -136,7 +134,7 @@ class LlamaCppLLM:
             raise InputError(f"the conversation reached llama.cpp's context of {self.n_ctx} positions")
         row = embedding.reshape(1, -1).to(torch.float32).contiguous().numpy()
         logits = self._decode(row, len(self.held), want_logits=True)
-        self.held = self.held + (identity,)
+        self.held.append(identity)
         return logits
 
     def _decode(self, rows: np.ndarray, first_pos: int, want_logits: bool) -> torch.Tensor | None:
@@ -154,7 +152,7 @@ class LlamaCppLLM:
         finally:
             lib.llama_batch_free(batch)
         if rc != 0:
-            self.held = ()  # what the KV holds is no longer known
+            self.held.clear()  # what the KV holds is no longer known
             lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
             raise CheckpointError(f"llama.cpp could not run {n} position(s) at {first_pos} (code {rc})")
         if not want_logits:
@@ -169,7 +167,7 @@ class LlamaCppLLM:
         if self._model is not None:
             self._lib.llama_model_free(self._model)
             self._model = None
-        self.held = ()
+        self.held.clear()
 
     def __del__(self) -> None:  # the C objects go with the Python one
         try:

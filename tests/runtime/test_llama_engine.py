@@ -158,6 +158,25 @@ def test_llama_logits_match_our_llm(pipes):
 
 
 @needs_llama
+def test_threads_asked_before_a_context_reach_it(wide_dir, cache_home, monkeypatch):
+    """The first call's threads are set before its context exists (llama.cpp's default would be 4 on any
+    machine), and a context made larger later keeps them."""
+    from lite.model.config import load_config
+    from lite.runtime.llama_engine import LlamaCppLLM
+
+    monkeypatch.setenv("OVIS_LITE_CACHE", str(cache_home))
+    engine = LlamaCppLLM.open(wide_dir, load_config(wide_dir), "f32")
+    engine.set_threads(1, 2)
+    embeds = torch.zeros(1, 3, engine.n_embd)
+    engine.prefill(embeds, (1, 2, 3), 0, 8)
+    lib = engine._lib
+    assert (lib.llama_n_threads(engine._ctx), lib.llama_n_threads_batch(engine._ctx)) == (1, 2)
+    engine.prefill(embeds, (1, 2, 3), 0, engine.n_ctx + 1)  # more room than the context has: a new one
+    assert engine.n_ctx > 2048 and lib.llama_n_threads(engine._ctx) == 1
+    engine.close()
+
+
+@needs_llama
 def test_greedy_answers_follow_our_llm(pipes):
     """A greedy answer from llama.cpp, re-scored by our LLM (teacher forcing over the same prompt): every
     token it chose is our argmax or within the f16-KV tolerance of it."""
