@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lite.errors import CheckpointError
+from lite.errors import CheckpointError, OutputError
 from lite.runtime.engine_choice import DEFAULT_FORMAT, FORMATS, check_format
 
 _LAYER_NAMES = {
@@ -207,18 +207,24 @@ def export_llm(directory: Path, config: Any, fmt: str = DEFAULT_FORMAT, notify: 
     out = gguf_path(directory, fmt)
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     if notify is not None:
         notify(f"converting the LLM to a llama.cpp {fmt} GGUF once ({out}) ...")
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     source = out.with_name(f".{out.name}.{os.getpid()}.source")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_source_gguf(directory, llm, source)
         quantize(source, partial, fmt)
         os.replace(partial, out)
+    except OSError as exc:  # an unwritable or full cache folder: one line, nothing half-written left
+        raise OutputError(f"cannot write the llama.cpp GGUF under {out.parent} ({exc.strerror or exc}); set "
+                          "$OVIS_LITE_CACHE to a writable folder with ~2x the LLM's size free") from None
     finally:
         for tmp in (source, partial):
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the folder itself was never made
+                pass
     return out
 
 

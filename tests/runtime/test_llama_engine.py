@@ -83,6 +83,20 @@ def test_export_refuses_weights_that_are_not_full_precision(tiny_dir, tmp_path, 
     assert not list((tmp_path / "cache").rglob("*.gguf*"))  # nothing half-written is left
 
 
+def test_an_unwritable_cache_is_one_line(tiny_dir, tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    from lite.errors import OutputError
+    from lite.model.config import load_config
+    from lite.runtime.llama_gguf import export_llm
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("OVIS_LITE_CACHE", str(blocker))  # the cache folder would have to be inside a file
+    with pytest.raises(OutputError, match=r"\$OVIS_LITE_CACHE") as info:
+        export_llm(tiny_dir, load_config(tiny_dir), "q8_0")
+    assert "\n" not in str(info.value) and blocker.read_text() == "not a folder"
+
+
 def test_every_llm_tensor_of_the_real_checkpoint_has_one_gguf_name():
     if not SHARED.is_file():
         pytest.skip(f"{SHARED} not found")
