@@ -82,38 +82,18 @@ def import_gguf(src: Path) -> Any:
     return gguf
 
 
-def write_gguf(path: Path, llm: dict[str, Any], tokenizer_dir: Path, gguf: Any, seed: int = 0) -> None:
-    """A Qwen3 GGUF of `llm`'s shape, random F16 weights (std 0.02, norms 1), the checkpoint's BPE vocab,
-    written one tensor at a time (never the whole model in memory)."""
+def write_gguf(path: Path, checkpoint: Path, gguf: Any, seed: int = 0) -> None:
+    """A Qwen3 GGUF of the checkpoint LLM's shape, random F16 weights (std 0.02, norms 1), the checkpoint's BPE
+    vocab (the engine's own metadata writer, `lite.runtime.llama_gguf.qwen3_writer`), written one tensor at a
+    time (never the whole model in memory)."""
+    from lite.model.config import load_config
+    from lite.runtime.llama_gguf import llm_hparams, qwen3_writer
+
+    llm = llm_hparams(load_config(checkpoint))
     h, layers, ffn = llm["hidden_size"], llm["num_hidden_layers"], llm["intermediate_size"]
     heads, kv, hd, vocab = llm["num_attention_heads"], llm["num_key_value_heads"], llm["head_dim"], llm["vocab_size"]
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    w.add_context_length(llm.get("max_position_embeddings", 40960))
-    w.add_embedding_length(h)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
-    w.add_rope_freq_base(float(llm["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(llm["rms_norm_eps"]))
+    w = qwen3_writer(path, llm, checkpoint, gguf)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    ids = json.loads((tokenizer_dir / "vocab.json").read_text())
-    ids.update(json.loads((tokenizer_dir / "added_tokens.json").read_text()))
-    tokens = [f"[PAD{i}]" for i in range(vocab)]
-    types = [gguf.TokenType.UNUSED] * vocab
-    for text, i in ids.items():
-        if i < vocab:
-            tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    merges = [line for line in (tokenizer_dir / "merges.txt").read_text().splitlines()
-              if line and not line.startswith("#")]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(int(llm.get("eos_token_id") or 151645))
     shapes: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (vocab, h)), ("output_norm.weight", (h,))]
     for i in range(layers):
         b = f"blk.{i}."
@@ -143,7 +123,7 @@ def peer_model(cache: Path, bins: dict[str, Path], llm: dict[str, Any], tokenize
     if q4.exists():
         return q4
     f16 = q4.with_name(q4.name.replace("q4_0", "f16"))
-    write_gguf(f16, llm, tokenizer_dir, import_gguf(src))
+    write_gguf(f16, tokenizer_dir, import_gguf(src))
     run([str(bins["llama-quantize"]), str(f16), str(q4), "Q4_0", "2"], stdout=subprocess.DEVNULL)
     f16.unlink()
     return q4

@@ -27,8 +27,10 @@ import torch
 from safetensors import safe_open
 
 from lite.errors import CheckpointError, OutputError
+from lite.model.shards import TensorEntry, index_checkpoint
 from lite.runtime.engine_choice import DEFAULT_FORMAT, FORMATS, check_format
 
+SOURCE_TYPES = ("BF16", "F16", "F32")  # stored types the export reads (its bits kept)
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
@@ -56,37 +58,26 @@ def gguf_name(name: str) -> str | None:
     return None
 
 
-def _shards(directory: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> its shard file."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / shard for name, shard in weight_map.items()}
-    single = directory / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{directory} has no model.safetensors(.index.json); the llama.cpp engine exports "
-                              "the LLM from a plain Hugging Face checkpoint")
-    with safe_open(single, framework="pt") as fh:
-        return {name: single for name in fh.keys()}
-
-
-def _llm_tensors(directory: Path, tied: bool) -> list[tuple[str, str, Path]]:
-    """(checkpoint name, GGUF name, shard) of every exported tensor, in a stable order."""
+def _llm_tensors(entries: dict[str, TensorEntry], tied: bool) -> list[tuple[str, TensorEntry]]:
+    """(GGUF name, checkpoint entry) of every exported tensor, in a stable order; every one full precision."""
     out = []
-    for name, shard in sorted(_shards(directory).items()):
+    for name, entry in sorted(entries.items()):
         target = gguf_name(name)
         if target is None or (tied and target == "output.weight"):
             continue  # a tied head is the token table (llama.cpp ties when `output.weight` is absent)
-        out.append((name, target, shard))
-    if not any(t == "token_embd.weight" for _, t, _ in out):
-        raise CheckpointError(f"{directory} has no llm.model.embed_tokens.weight; is it an Ovis-U1 checkpoint?")
+        if entry.dtype not in SOURCE_TYPES or not name.endswith(".weight"):
+            raise CheckpointError(f"{name} is stored as {entry.dtype}; the llama.cpp engine exports full-precision "
+                                  "weights only (a plain Hugging Face checkpoint)")
+        out.append((target, entry))
+    if not any(t == "token_embd.weight" for t, _ in out):
+        raise CheckpointError("the checkpoint has no llm.model.embed_tokens.weight; is it an Ovis-U1 checkpoint?")
     return out
 
 
-def checkpoint_digest(directory: Path) -> str:
+def checkpoint_digest(directory: Path, entries: dict[str, TensorEntry]) -> str:
     """A digest of what the export reads: the LLM config and each shard's name, size and mtime."""
     h = hashlib.sha256((directory / "config.json").read_bytes())
-    for shard in sorted(set(_shards(directory).values())):
+    for shard in sorted({entry.file for entry in entries.values()}):
         st = shard.stat()
         h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
@@ -101,14 +92,13 @@ def cache_dir() -> Path:
     return Path(base) / "ovis-lite" / "gguf"
 
 
-def gguf_path(directory: Path, fmt: str) -> Path:
-    return cache_dir() / f"{directory.name}-{checkpoint_digest(directory)}-llm-{fmt}.gguf"
+def gguf_path(directory: Path, entries: dict[str, TensorEntry], fmt: str) -> Path:
+    return cache_dir() / f"{directory.name}-{checkpoint_digest(directory, entries)}-llm-{fmt}.gguf"
 
 
 def _as_array(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's GGUF bytes, its stored bits kept: 1-D norms as F32 (llama.cpp's rule), 2-D weights as stored
-    (BF16, F16 or F32; anything else as F32)."""
-    if tensor.ndim == 1 or tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    """A tensor's GGUF bytes, its stored bits kept: 1-D norms as F32 (llama.cpp's rule), 2-D weights as stored."""
+    if tensor.ndim == 1:
         return tensor.to(torch.float32).numpy()
     if tensor.dtype == torch.bfloat16:
         return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -116,13 +106,13 @@ def _as_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _tensor_info(shape: tuple[int, ...], dtype: str, gguf: Any) -> tuple[np.dtype, int, Any]:
-    """(numpy dtype, bytes, raw GGML type or None) of a tensor `_as_array` will write, from its header only."""
+    """(numpy dtype, bytes, raw GGML type or None) of what `_as_array` writes, from the header only."""
     count = int(np.prod(shape))
-    if len(shape) == 1 or dtype not in ("BF16", "F16", "F32"):
+    if len(shape) == 1 or dtype == "F32":
         return np.dtype(np.float32), 4 * count, None
     if dtype == "BF16":
         return np.dtype(np.uint16), 2 * count, gguf.GGMLQuantizationType.BF16
-    return (np.dtype(np.float16), 2 * count, None) if dtype == "F16" else (np.dtype(np.float32), 4 * count, None)
+    return np.dtype(np.float16), 2 * count, None
 
 
 def _vocabulary(directory: Path, vocab: int, gguf: Any) -> tuple[list[str], list[Any], list[str]]:
@@ -154,13 +144,9 @@ def llm_hparams(config: Any) -> dict[str, Any]:
     return d
 
 
-def write_source_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
-    """The LLM of the checkpoint in `directory` as a GGUF at `path` in the types it is stored in (the
-    quantizer's source), one tensor in memory at a time."""
-    import gguf  # optional (the llama.cpp engine's extra): only when a GGUF is written
-
-    tied = bool(llm.get("tie_word_embeddings", True))
-    entries = _llm_tensors(directory, tied)
+def qwen3_writer(path: Path, llm: dict[str, Any], tokenizer_dir: Path, gguf: Any) -> Any:
+    """A GGUFWriter at `path` holding a Qwen3 model's metadata (`llm`: `llm_hparams`) and the BPE vocabulary of
+    `tokenizer_dir`; the caller adds the tensors (the engine's export, and the peer benchmark's random GGUF)."""
     w = gguf.GGUFWriter(str(path), "qwen3")
     w.add_context_length(int(llm.get("max_position_embeddings", 40960)))
     w.add_embedding_length(int(llm["hidden_size"]))
@@ -172,7 +158,7 @@ def write_source_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
     w.add_value_length(int(llm["head_dim"]))
     w.add_rope_freq_base(float(llm["rope_theta"]))
     w.add_layer_norm_rms_eps(float(llm["rms_norm_eps"]))
-    tokens, types, merges = _vocabulary(directory, int(llm["vocab_size"]), gguf)
+    tokens, types, merges = _vocabulary(tokenizer_dir, int(llm["vocab_size"]), gguf)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -180,22 +166,25 @@ def write_source_gguf(directory: Path, llm: dict[str, Any], path: Path) -> None:
     if merges:
         w.add_token_merges(merges)
     w.add_eos_token_id(int(llm.get("eos_token_id") or 0))
+    return w
 
-    for name, target, shard in entries:  # headers first: shapes and types only (no tensor is read)
-        with safe_open(shard, framework="pt") as fh:
-            header = fh.get_slice(name)
-            shape, stored = tuple(header.get_shape()), header.get_dtype()
-        if stored not in ("BF16", "F16", "F32") or not name.endswith(".weight"):
-            raise CheckpointError(f"{name} is stored as {stored}; the llama.cpp engine exports full-precision "
-                                  "weights only (a plain Hugging Face checkpoint)")
-        dtype, nbytes, raw = _tensor_info(shape, stored, gguf)
-        w.add_tensor_info(target, shape, dtype, nbytes, raw_dtype=raw)
+
+def write_source_gguf(directory: Path, entries: dict[str, TensorEntry], llm: dict[str, Any], path: Path) -> None:
+    """The LLM of the checkpoint in `directory` as a GGUF at `path` in the types it is stored in (the
+    quantizer's source), one tensor in memory at a time."""
+    import gguf  # optional (the llama.cpp engine's extra): only when a GGUF is written
+
+    exported = _llm_tensors(entries, bool(llm.get("tie_word_embeddings", True)))
+    w = qwen3_writer(path, llm, directory, gguf)
+    for target, entry in exported:  # headers first: shapes and types from the index, no tensor read
+        dtype, nbytes, raw = _tensor_info(entry.shape, entry.dtype, gguf)
+        w.add_tensor_info(target, entry.shape, dtype, nbytes, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for name, _, shard in entries:  # then the data, one tensor in memory at a time
-        with safe_open(shard, framework="pt") as fh:
-            w.write_tensor_data(_as_array(fh.get_tensor(name)))
+    for _, entry in exported:  # then the data, one tensor in memory at a time
+        with safe_open(entry.file, framework="pt") as fh:
+            w.write_tensor_data(_as_array(fh.get_tensor(entry.name)))
     w.close()
 
 
@@ -204,7 +193,8 @@ def export_llm(directory: Path, config: Any, fmt: str = DEFAULT_FORMAT, notify: 
     (atomically: a file that exists is complete)."""
     fmt = check_format(fmt)
     llm = llm_hparams(config)
-    out = gguf_path(directory, fmt)
+    entries = index_checkpoint(directory)  # headers only, every shard contained in the folder and readable
+    out = gguf_path(directory, entries, fmt)
     if out.is_file():
         return out
     if notify is not None:
@@ -213,7 +203,7 @@ def export_llm(directory: Path, config: Any, fmt: str = DEFAULT_FORMAT, notify: 
     source = out.with_name(f".{out.name}.{os.getpid()}.source")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_source_gguf(directory, llm, source)
+        write_source_gguf(directory, entries, llm, source)
         quantize(source, partial, fmt)
         os.replace(partial, out)
     except OSError as exc:  # an unwritable or full cache folder: one line, nothing half-written left
