@@ -78,15 +78,29 @@ class _FreezeAfterTorch(importlib.abc.MetaPathFinder):
         return spec
 
 
+#: The interrupting signal this run received, if any. An exception raised from a signal handler can come out as
+#: another one when it lands inside machinery that replaces it (an import's `except ImportError` building its
+#: ImportError: a SIGTERM during diffusers' import ended as "TypeError: expected a message argument"), so `main`
+#: asks this, not only the exception's type.
+_received: list[int] = []
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _received.append(signum)
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt()
 
 
 def _install_signals() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
+    _received.clear()
     return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
-            signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+            signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
 
 
 def _ignore_signals() -> None:
@@ -161,23 +175,31 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except KeyboardInterrupt as exc:
-        _ignore_signals()
-        code = EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT
-        try:
-            sys.stdout.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            _silence_stdout()
-        lead = "\n" if sys.stderr.isatty() else ""  # after a progress bar or a half-printed answer
-        name = "SIGTERM" if code == EXIT_SIGTERM else "SIGINT"
-        print(f"{lead}ovis-lite: interrupted ({name}) after {time.perf_counter() - started:.1f} s",
-              file=sys.stderr, flush=True)
-        return _finish(code, standalone)
+        return _interrupted(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT, started, standalone)
     except BrokenPipeError:
         _silence_stdout()
         return _finish(EXIT_PIPE, standalone)
+    except Exception:
+        if not _received:  # a bug: it keeps its traceback
+            raise
+        return _interrupted(EXIT_SIGTERM if _received[0] == signal.SIGTERM else EXIT_SIGINT, started, standalone)
     finally:
         if not standalone:
             _restore_signals(previous)
+
+
+def _interrupted(code: int, started: float, standalone: bool) -> int:
+    """One "interrupted" line after Ctrl-C or SIGTERM (a second signal is ignored while it is written)."""
+    _ignore_signals()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        _silence_stdout()
+    lead = "\n" if sys.stderr.isatty() else ""  # after a progress bar or a half-printed answer
+    name = "SIGTERM" if code == EXIT_SIGTERM else "SIGINT"
+    print(f"{lead}ovis-lite: interrupted ({name}) after {time.perf_counter() - started:.1f} s",
+          file=sys.stderr, flush=True)
+    return _finish(code, standalone)
 
 
 def _run(args: argparse.Namespace) -> int:

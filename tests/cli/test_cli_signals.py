@@ -114,3 +114,29 @@ def test_a_closed_pipe_ends_quietly(runs, key):
     assert "terminate called" not in err
     if key == "head":
         assert result["read"] == 10
+
+
+def test_a_signal_that_lands_inside_an_import_still_ends_as_an_interruption(monkeypatch, capsys):
+    """A SIGTERM whose `Terminated` is replaced on its way out (it landed in an import's `except ImportError`:
+    "TypeError: expected a message argument", seen in CI during diffusers' import) is still one "interrupted"
+    line and exit 143; the same exception without a signal is a bug and keeps its traceback."""
+    import importlib
+
+    cli = importlib.import_module("lite.cli.main")  # the module (`lite.cli.main` the attribute is the function)
+
+    def mangled(args):
+        try:
+            cli._on_sigterm(signal.SIGTERM, None)  # what the handler does: record, then raise Terminated
+        except cli.Terminated:
+            raise TypeError("expected a message argument") from None
+
+    monkeypatch.setattr(cli, "_run", mangled)
+    assert cli.main(["info", "x.png"]) == 143
+    assert capsys.readouterr().err.strip().startswith("ovis-lite: interrupted (SIGTERM)")
+
+    def bug(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli, "_run", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["info", "x.png"])
